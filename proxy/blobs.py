@@ -1,0 +1,224 @@
+"""Serving blobs: from the cache with sendfile, from a download in flight, or straight through.
+
+Every path here ends in one of two ways: the client has received exactly the bytes it asked
+for, or its connection is aborted before the body completes, so no client can take a broken or
+unverified transfer for a good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.blobstore import BlobStore, Download, State
+from proxy.oci import Digest, ErrorCode, RegistryError, Repository
+from proxy.ranges import ByteRange, parse_range
+from proxy.upstream import BlobStream, Upstream
+
+log = logging.getLogger(__name__)
+
+OCTET_STREAM = "application/octet-stream"
+
+
+class CacheResult:
+    HIT = "HIT"
+    MISS = "MISS"
+    COALESCED = "COALESCED"
+
+
+@dataclass(slots=True)
+class Body:
+    """What part of the blob a response carries."""
+
+    start: int
+    end: int  # inclusive; start > end for an empty body
+
+    @classmethod
+    def for_range(cls, byte_range: ByteRange | None, size: int) -> Body:
+        if byte_range is None:
+            return cls(0, size - 1)
+        return cls(byte_range.start, byte_range.end)
+
+
+class BlobService:
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+
+    async def serve(
+        self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
+    ) -> web.StreamResponse:
+        with self.store.open_blob(digest) as cached:
+            if cached is not None:
+                fd, size = cached
+                return await self._serve_file(request, digest, fd, size, CacheResult.HIT)
+
+        if request.method == "HEAD":
+            return await self._head_upstream(request, upstream, repository, digest)
+
+        async def opener(offset: int) -> BlobStream:
+            return await upstream.open_blob(repository, digest, offset)
+
+        download, started = self.store.download(digest, opener)
+        result = CacheResult.MISS if started else CacheResult.COALESCED
+        with self.store.lease(digest):
+            await download.wait_ready()
+            if download.state is State.COMPLETE:
+                with self.store.open_blob(digest) as cached:
+                    if cached is not None:
+                        return await self._serve_file(request, digest, cached[0], cached[1], result)
+            return await self._serve_download(request, download, opener, result)
+
+    async def _head_upstream(
+        self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
+    ) -> web.StreamResponse:
+        # A HEAD does not start a download: a client checking for a blob may never fetch it.
+        size = await upstream.head_blob(repository, digest)
+        response = _response(request, digest, size, None, CacheResult.MISS)
+        await response.prepare(request)
+        return response
+
+    async def _serve_file(
+        self, request: web.Request, digest: Digest, fd: int, size: int, result: str
+    ) -> web.StreamResponse:
+        etag = f'"{digest}"'
+        if etag in request.headers.getall("If-None-Match", []) or (
+            request.headers.get("If-None-Match", "").strip() == "*"
+        ):
+            response = web.StreamResponse(status=304, headers={"ETag": etag, "X-Cache": result})
+            return response
+        byte_range = parse_range(request.headers.get("Range"), size)
+        response = _response(request, digest, size, byte_range, result)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        body = Body.for_range(byte_range, size)
+        if body.end >= body.start:
+            await _sendfile(request, fd, body.start, body.end - body.start + 1)
+        await response.write_eof()
+        return response
+
+    async def _serve_download(
+        self, request: web.Request, download: Download, opener: Any, result: str
+    ) -> web.StreamResponse:
+        size = download.size
+        if size is None:
+            # Degraded before the upstream said the size: stream the whole thing through.
+            return await self._pass_through(request, download.digest, opener)
+        byte_range = parse_range(request.headers.get("Range"), size)
+        body = Body.for_range(byte_range, size)
+        response = _response(request, download.digest, size, byte_range, result)
+        await response.prepare(request)
+        position = body.start
+        try:
+            async for fd, offset, count in download.read(body.start, body.end):
+                await _sendfile(request, fd, offset, count)
+                position = offset + count
+            if position <= body.end:
+                # The cache write failed under us: carry on from upstream where the file stops,
+                # verifying the whole blob when this response covers all of it.
+                hasher = download.hasher.copy() if body.start == 0 else None
+                await _relay(request, response, opener, download.digest, position, body, hasher)
+        except Exception as exc:
+            _abort(request, download.digest, exc)
+            return response
+        await response.write_eof()
+        return response
+
+    async def _pass_through(
+        self, request: web.Request, digest: Digest, opener: Any
+    ) -> web.StreamResponse:
+        stream: BlobStream = await opener(0)
+        stream.close()
+        if stream.size is None:
+            raise RegistryError(ErrorCode.UNAVAILABLE, "upstream did not say the blob's size")
+        byte_range = parse_range(request.headers.get("Range"), stream.size)
+        body = Body.for_range(byte_range, stream.size)
+        response = _response(request, digest, stream.size, byte_range, CacheResult.MISS)
+        await response.prepare(request)
+        hasher = digest.hasher() if body.start == 0 else None
+        try:
+            await _relay(request, response, opener, digest, body.start, body, hasher)
+        except Exception as exc:
+            _abort(request, digest, exc)
+            return response
+        await response.write_eof()
+        return response
+
+
+async def _relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    opener: Any,
+    digest: Digest,
+    position: int,
+    body: Body,
+    hasher: Any,
+) -> None:
+    """Copy bytes `position`..`body.end` from upstream to the client.
+
+    `hasher` holds the hash of bytes 0..position when the client gets the whole blob; the
+    remainder is then hashed too and a mismatch raises before the last byte is sent.
+    """
+    if position > body.end:
+        return
+    stream: BlobStream = await opener(position)
+    try:
+        async for chunk in stream.chunks():
+            remaining = body.end - position + 1
+            if len(chunk) > remaining:
+                chunk = chunk[:remaining]
+            if hasher is not None:
+                hasher.update(chunk)
+            last = position + len(chunk) > body.end
+            if hasher is not None and last and hasher.hexdigest() != digest.encoded:
+                raise RegistryError(ErrorCode.DIGEST_INVALID, "upstream digest mismatch")
+            await response.write(chunk)
+            position += len(chunk)
+            if position > body.end:
+                return
+    finally:
+        stream.close()
+    raise RegistryError(ErrorCode.UNAVAILABLE, "upstream blob ended early", status=502)
+
+
+def _response(
+    request: web.Request, digest: Digest, size: int, byte_range: ByteRange | None, result: str
+) -> web.StreamResponse:
+    headers = {
+        "Content-Type": OCTET_STREAM,
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "X-Cache": result,
+    }
+    if byte_range is None:
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_length = size
+    else:
+        headers["Content-Range"] = byte_range.content_range()
+        response = web.StreamResponse(status=206, headers=headers)
+        response.content_length = byte_range.length
+    return response
+
+
+async def _sendfile(request: web.Request, fd: int, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
+        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+
+
+def _abort(request: web.Request, digest: Digest, exc: BaseException) -> None:
+    """Break the connection mid-body: the short body tells the client the transfer failed."""
+    if isinstance(exc, ConnectionError):
+        log.debug("client went away during %s", digest)
+    else:
+        log.warning("aborting transfer of %s: %s", digest, exc)
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,531 @@
+"""The content-addressed blob cache: a bounded on-disk LRU with single-flight downloads.
+
+Layout under the cache directory::
+
+    <cache-dir>/
+    +-- blobs/
+    |   +-- sha256/
+    |       +-- ab/
+    |           +-- abcdef0123...       complete and verified; the name is the hex digest
+    +-- tmp/
+        +-- sha256-abcdef0123...        a download in progress, flock()ed by its writer
+        +-- evicted-<n>                 a blob being deleted, off the loop
+
+Invariants:
+
+* A file under `blobs/` is complete and its bytes hash to its name: downloads are written to
+  `tmp/`, hashed as they stream, fsync()ed, and renamed into place only when digest and size
+  match. A crash at any point leaves at most a file in `tmp/`, removed at the next start.
+* One download per digest. It belongs to the store, not to the request that started it, so it
+  outlives a client that disconnects. Every reader of that digest streams from the growing
+  temporary file as bytes land (waiting on an event), then, after the rename, from the same inode.
+* The bytes of complete blobs plus the reservations of downloads never exceed the budget.
+  Eviction takes the least recently used blob that nobody is reading. A reader holds an open
+  file descriptor, so even a blob evicted under it stays readable to the end.
+* The temporary file's name and its flock are the coordination point between processes sharing
+  a directory: start-up only removes temporary files whose lock nobody holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from proxy.oci import Digest, ErrorCode, RegistryError
+from proxy.upstream import BlobStream
+
+log = logging.getLogger(__name__)
+
+# Refresh a hit's mtime (the recency that survives a restart) at most this often.
+TOUCH_INTERVAL: Final = 60.0
+READ_CHUNK: Final = 1024 * 1024
+
+Opener = Callable[[int], Awaitable[BlobStream]]
+
+
+class DigestMismatch(RegistryError):
+    def __init__(self, digest: Digest, why: str) -> None:
+        super().__init__(ErrorCode.DIGEST_INVALID, f"upstream sent bad content for {digest}: {why}")
+
+
+class NotCacheable(Exception):
+    """The blob cannot go through the cache (too large, unknown size, no space, read-only)."""
+
+
+@dataclass(slots=True)
+class Entry:
+    size: int
+    touched: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    size: int
+    entries: int
+    reserved: int
+    budget: int
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    # The cache could not be written (ENOSPC, EROFS): readers carry on from upstream.
+    DEGRADED = "degraded"
+
+
+class Download:
+    """One upstream download of one digest into a temporary file, shared by all its readers."""
+
+    def __init__(self, store: BlobStore, digest: Digest, opener: Opener) -> None:
+        self.store = store
+        self.digest = digest
+        self.opener = opener
+        self.state = State.CONNECTING
+        self.size: int | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+        self.temp_path = store.temp_path(digest)
+        self.final_path = store.blob_path(digest)
+        # Hash state over the first `written` bytes, kept when the cache write fails so a reader
+        # continuing from upstream can still verify the whole blob.
+        self.hasher: Any = digest.hasher()
+        self.ready = asyncio.Event()  # size known, or failed
+        self._progress = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def wait_ready(self) -> None:
+        await self.ready.wait()
+        if self.state is State.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    async def run(self) -> None:
+        reserved = 0
+        fd = -1
+        stream: BlobStream | None = None
+        try:
+            async with asyncio.timeout(self.store.download_timeout):
+                stream = await self.opener(0)
+                if stream.size is None:
+                    raise NotCacheable("upstream did not send the blob's size")
+                self.size = stream.size
+                reserved = self.store.reserve(stream.size)
+                fd = self._open_temp()
+                self.state = State.STREAMING
+                self.ready.set()
+                await self._write(stream, fd)
+                await asyncio.to_thread(os.fsync, fd)
+                self._commit()
+        except NotCacheable as exc:
+            self._degrade(exc)
+        except TimeoutError:  # before OSError, whose subclass it is
+            self._fail(RegistryError(ErrorCode.UNAVAILABLE, "blob download timed out", status=504))
+        except OSError as exc:
+            # The disk is full or read-only: the cache is lost for this blob, the pull is not.
+            log.warning("cannot cache %s, streaming it through: %s", self.digest, exc)
+            self._degrade(exc)
+        except Exception as exc:
+            self._fail(exc)
+        except BaseException:
+            self._fail(RegistryError(ErrorCode.UNAVAILABLE, "blob download cancelled"))
+            raise
+        finally:
+            if stream is not None:
+                stream.close()
+            if fd >= 0:
+                os.close(fd)  # releases the flock
+            if self.state is not State.COMPLETE:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.temp_path)
+            self.store.release_reservation(reserved)
+            self.store.download_finished(self)
+            self.ready.set()
+            self._notify()
+
+    def _open_temp(self) -> int:
+        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _write(self, stream: BlobStream, fd: int) -> None:
+        assert self.size is not None
+        async for chunk in stream.chunks():
+            if self.written + len(chunk) > self.size:
+                raise DigestMismatch(self.digest, "more bytes than its Content-Length")
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                self.hasher.update(view[:written])
+                self.written += written
+                view = view[written:]
+                self._notify()
+        if self.written != self.size:
+            raise DigestMismatch(self.digest, f"{self.written} of {self.size} bytes")
+        if self.hasher.hexdigest() != self.digest.encoded:
+            raise DigestMismatch(self.digest, "digest mismatch")
+
+    def _commit(self) -> None:
+        assert self.size is not None
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.temp_path, self.final_path)
+        self.state = State.COMPLETE
+        self.store.add_entry(self.digest, self.size)
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, DigestMismatch):
+            self.store.digest_mismatches += 1
+            log.error("%s", exc.message)
+        self.state = State.FAILED
+        self.error = exc
+
+    def _degrade(self, exc: BaseException) -> None:
+        self.state = State.DEGRADED
+        self.error = exc
+
+    async def read(self, start: int, end: int) -> AsyncIterator[tuple[int, int, int]]:
+        """Yield `(fd, offset, count)` pieces of bytes `start`..`end` (inclusive) as they land.
+
+        The fd is the reader's own, opened on the temporary file before it can be renamed or
+        removed, so it stays valid whatever happens to the path. Raises the download's error
+        when it failed; stops early (having yielded up to `written`) when it degraded, and the
+        caller continues from upstream.
+        """
+        fd = self._open_reader()
+        try:
+            position = start
+            while position <= end:
+                available = min(self.written, end + 1)
+                if position < available:
+                    yield fd, position, available - position
+                    position = available
+                elif self.state is State.FAILED:
+                    assert self.error is not None
+                    raise self.error
+                elif self.state in (State.DEGRADED, State.COMPLETE):
+                    return
+                else:
+                    await self._progress.wait()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _open_reader(self) -> int:
+        for path in (self.temp_path, self.final_path):
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return -1
+
+
+class BlobStore:
+    def __init__(self, root: Path, budget: int, *, download_timeout: float = 3600.0) -> None:
+        self.root = root
+        self.budget = budget
+        self.download_timeout = download_timeout
+        self.blobs_dir = root / "blobs"
+        self.temp_dir = root / "tmp"
+        self._entries: OrderedDict[Digest, Entry] = OrderedDict()
+        self._size = 0
+        self._reserved = 0
+        self._leases: Counter[Digest] = Counter()
+        self._downloads: dict[Digest, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._deletions: set[asyncio.Task[None]] = set()
+        self._eviction_names = itertools.count()
+        self.writable = True
+        self.digest_mismatches = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+
+    # --- paths
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def temp_path(self, digest: Digest) -> Path:
+        return self.temp_dir / f"{digest.algorithm}-{digest.encoded}"
+
+    # --- lifecycle
+
+    async def open(self) -> None:
+        """Rebuild the index from disk and clear abandoned downloads, off the event loop."""
+        started = time.monotonic()
+        try:
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            self.temp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.writable = False
+            log.warning("cache dir %s unusable, passing blobs through: %s", self.root, exc)
+            return
+        entries = await asyncio.to_thread(self._scan)
+        for digest, entry in sorted(entries.items(), key=lambda item: item[1].touched):
+            self._entries[digest] = entry
+            self._size += entry.size
+        removed = await asyncio.to_thread(self._remove_abandoned_temps)
+        self._evict(0)
+        log.info(
+            "cache index rebuilt: %d blobs, %d bytes, %d abandoned downloads removed in %.2fs",
+            len(self._entries), self._size, removed, time.monotonic() - started,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._deletions, return_exceptions=True)
+
+    def _scan(self) -> dict[Digest, Entry]:
+        entries: dict[Digest, Entry] = {}
+        for algorithm_dir in _subdirs(self.blobs_dir):
+            for shard in _subdirs(Path(algorithm_dir.path)):
+                with os.scandir(shard.path) as files:
+                    for file in files:
+                        try:
+                            digest = Digest.parse(f"{algorithm_dir.name}:{file.name}")
+                            stat = file.stat(follow_symlinks=False)
+                        except (RegistryError, OSError):
+                            log.warning("ignoring stray file in cache: %s", file.path)
+                            continue
+                        if shard.name == digest.encoded[:2] and file.is_file():
+                            entries[digest] = Entry(stat.st_size, stat.st_mtime)
+        return entries
+
+    def _remove_abandoned_temps(self) -> int:
+        removed = 0
+        for entry in os.scandir(self.temp_dir):
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # another process is writing it
+            finally:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    # --- reading
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self._size, len(self._entries), self._reserved, self.budget)
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest in self._entries
+
+    @contextlib.contextmanager
+    def open_blob(self, digest: Digest) -> Iterator[tuple[int, int] | None]:
+        """An open fd and size of a cached blob (a hit, which refreshes its recency), or None.
+
+        The blob is leased while the block runs, so eviction passes it over.
+        """
+        entry = self._entries.get(digest)
+        if entry is None:
+            yield None
+            return
+        path = self.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Deleted behind our back (an operator, another process): forget it, refetch.
+            self._drop(digest)
+            yield None
+            return
+        self._entries.move_to_end(digest)
+        now = time.time()
+        if now - entry.touched > TOUCH_INTERVAL:
+            entry.touched = now
+            with contextlib.suppress(OSError):
+                os.utime(fd, (now, now))
+        self._leases[digest] += 1
+        try:
+            yield fd, entry.size
+        finally:
+            os.close(fd)
+            self._release_lease(digest)
+
+    def read_small(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes | None:
+        """A small cached blob's bytes (a manifest), verified, or None."""
+        with self.open_blob(digest) as opened:
+            if opened is None or opened[1] > limit:
+                return None
+            fd, size = opened
+            data = os.pread(fd, size, 0)
+        if Digest.of(data, digest.algorithm) != digest:
+            log.error("cached %s is corrupt on disk; removing it", digest)
+            self.evict(digest)
+            return None
+        return data
+
+    # --- writing
+
+    def put_small(self, digest: Digest, data: bytes) -> None:
+        """Store a small verified blob (a manifest) synchronously; failures only log."""
+        if digest in self._entries or not self.writable or len(data) > self.budget:
+            return
+        if Digest.of(data, digest.algorithm) != digest:
+            raise DigestMismatch(digest, "digest mismatch")
+        temp = self.temp_dir / f"{digest.algorithm}-{digest.encoded}.{os.getpid()}.small"
+        try:
+            reserved = self.reserve(len(data))
+        except NotCacheable:
+            return
+        try:
+            temp.write_bytes(data)
+            path = self.blob_path(digest)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(temp, path)
+            self.add_entry(digest, len(data))
+        except OSError as exc:
+            log.warning("cannot cache manifest %s: %s", digest, exc)
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        finally:
+            self.release_reservation(reserved)
+
+    def download(self, digest: Digest, opener: Opener) -> tuple[Download, bool]:
+        """The download of `digest` in flight, starting one if none is; True if it is new."""
+        existing = self._downloads.get(digest)
+        if existing is not None:
+            return existing, False
+        download = Download(self, digest, opener)
+        if not self.writable:
+            download._degrade(NotCacheable("cache directory is not writable"))
+            download.ready.set()
+            return download, True
+        self._downloads[digest] = download
+        task = asyncio.create_task(download.run(), name=f"download {digest}")
+        download.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download, True
+
+    def lease(self, digest: Digest) -> contextlib.AbstractContextManager[None]:
+        @contextlib.contextmanager
+        def hold() -> Iterator[None]:
+            self._leases[digest] += 1
+            try:
+                yield
+            finally:
+                self._release_lease(digest)
+
+        return hold()
+
+    def _release_lease(self, digest: Digest) -> None:
+        self._leases[digest] -= 1
+        if self._leases[digest] <= 0:
+            del self._leases[digest]
+
+    # --- accounting, called by downloads
+
+    def reserve(self, size: int) -> int:
+        """Reserve `size` bytes of the budget for a download, evicting to make room."""
+        if size > self.budget:
+            raise NotCacheable(f"{size} bytes is larger than the whole cache budget")
+        if not self._evict(size):
+            raise NotCacheable("everything in the cache is in use")
+        self._reserved += size
+        return size
+
+    def release_reservation(self, size: int) -> None:
+        self._reserved -= size
+
+    def add_entry(self, digest: Digest, size: int) -> None:
+        if digest in self._entries:
+            return
+        self._entries[digest] = Entry(size, time.time())
+        self._size += size
+
+    def download_finished(self, download: Download) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]
+
+    # --- eviction
+
+    def evict(self, digest: Digest) -> bool:
+        """Remove one blob from the cache; readers holding it open finish undisturbed."""
+        if digest not in self._entries:
+            return False
+        self._drop(digest)
+        self._delete_later(self.blob_path(digest))
+        return True
+
+    def _evict(self, incoming: int) -> bool:
+        """Evict least recently used, unleased blobs until `incoming` more bytes fit."""
+        excess = self._size + self._reserved + incoming - self.budget
+        if excess <= 0:
+            return True
+        victims: list[Digest] = []
+        for digest, entry in self._entries.items():
+            if excess <= 0:
+                break
+            if self._leases.get(digest):
+                continue
+            victims.append(digest)
+            excess -= entry.size
+        if excess > 0:
+            return False
+        for digest in victims:
+            size = self._entries[digest].size
+            self.evict(digest)
+            self.evictions += 1
+            self.evicted_bytes += size
+        return True
+
+    def _drop(self, digest: Digest) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self._size -= entry.size
+
+    def _delete_later(self, path: Path) -> None:
+        """Move a blob out of `blobs/` now (a rename is cheap) and delete it in a thread.
+
+        The rename first means a new download of the same digest can land at the final path at
+        once without a late unlink removing it.
+        """
+        trash = self.temp_dir / f"evicted-{os.getpid()}-{next(self._eviction_names)}"
+        try:
+            os.rename(path, trash)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot evict %s: %s", path, exc)
+            return
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_unlink, trash))
+        self._deletions.add(task)
+        task.add_done_callback(self._deletions.discard)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -1,0 +1,120 @@
+"""The `registry-proxy` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+PROG = "registry-proxy"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A pull-through caching mirror for OCI and Docker registries.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the mirror",
+        description=(
+            "Run the mirror. Settings come from --config FILE (TOML), then environment "
+            f"variables ({ENV_PREFIX}<SETTING>, e.g. {ENV_PREFIX}CACHE_MAX_SIZE=50GiB), then "
+            "these flags; flags win."
+        ),
+    )
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to serve on (default 0.0.0.0:5000)"
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="registry to mirror (default https://registry-1.docker.io, i.e. Docker Hub)",
+    )
+    serve.add_argument("--upstream-username", metavar="NAME", help="upstream account name")
+    serve.add_argument(
+        "--upstream-password-file",
+        metavar="FILE",
+        help=f"file holding the upstream password or token (or set {ENV_PREFIX}UPSTREAM_PASSWORD)",
+    )
+    serve.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where cached blobs live (default /var/cache/registry-proxy)",
+    )
+    serve.add_argument(
+        "--cache-max-size",
+        metavar="SIZE",
+        help="hard budget for cached bytes, e.g. 50GiB, 500MB (default 50GiB)",
+    )
+    serve.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
+    serve.add_argument(
+        "--connect-timeout", metavar="SECONDS", help="upstream connect timeout (default 5)"
+    )
+    serve.add_argument(
+        "--read-timeout",
+        metavar="SECONDS",
+        help="upstream read timeout between bytes (default 60)",
+    )
+    serve.add_argument(
+        "--download-timeout",
+        metavar="SECONDS",
+        help="limit for one whole blob download into the cache (default 3600)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config") and value is not None
+    }
+    try:
+        settings = load_settings(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    upstream = settings.default_upstream
+    logging.getLogger(PROG).info(
+        "serving on %s:%d, mirroring %s (%s), cache %s up to %d bytes",
+        settings.listen_host, settings.listen_port, upstream.name, upstream.url,
+        settings.cache_dir, settings.cache_max_size,
+    )  # fmt: skip
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.listen_host,
+            port=settings.listen_port,
+            print=None,
+            shutdown_timeout=30,
+            access_log=None,
+        )
+    except OSError as exc:
+        print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0

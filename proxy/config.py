@@ -1,0 +1,268 @@
+"""Settings: one object with every knob, read from a TOML file, the environment and flags.
+
+Precedence is flags > environment (`REGISTRY_PROXY_<KEY>`) > file > defaults. Everything is
+validated here, at start-up; a bad value raises `ConfigError` naming the setting, which the CLI
+prints as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from yarl import URL
+
+DOCKER_HUB_URL: Final = "https://registry-1.docker.io"
+ENV_PREFIX: Final = "REGISTRY_PROXY_"
+
+
+class ConfigError(Exception):
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"invalid setting {setting!r}: {problem}")
+
+
+class Secret:
+    """A credential that never shows itself in logs, reprs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    name: str  # the registry host clients know it by: docker.io, ghcr.io, ...
+    url: URL
+    username: str | None = None
+    password: Secret | None = None
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.name == "docker.io"
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 5000
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    cache_dir: Path = Path("/var/cache/registry-proxy")
+    cache_max_size: int = 50 * 1024**3
+    log_level: str = "info"
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    # A whole blob download, which belongs to the cache and outlives the request that started it.
+    download_timeout: float = 3600.0
+
+    @property
+    def default_upstream(self) -> UpstreamSettings:
+        return self.upstreams[0]
+
+
+_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_size(text: str) -> int:
+    """`50GiB`, `500MB`, `1G`, `1048576`: binary units for K/M/G/T and *iB, decimal for *B."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 50GiB, 500MB, 1048576)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("must be larger than zero")
+    return size
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (example: 0.0.0.0:5000)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_url(text: str) -> URL:
+    url = URL(text.rstrip("/"))
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{text!r} is not an http(s) URL (example: https://registry-1.docker.io)")
+    if url.query_string or url.fragment:
+        raise ValueError(f"{text!r} must not have a query or fragment")
+    return url
+
+
+def registry_name(url: URL) -> str:
+    """The name clients use for a registry: Docker Hub's API host is known as docker.io."""
+    host = url.host or ""
+    if host in ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com"):
+        return "docker.io"
+    return host if url.is_default_port() else f"{host}:{url.port}"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be larger than zero")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return text.lower()
+
+
+def _read_secret_file(text: str) -> str:
+    try:
+        return Path(text).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {text!r}: {exc.strerror}") from None
+
+
+# Every top-level setting: its parser. Keys are the TOML names; the environment variable is
+# REGISTRY_PROXY_ + the upper-cased key; the flag is -- + the key with dashes.
+_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
+    "listen": parse_listen,
+    "upstream": parse_url,
+    "upstream_username": str,
+    "upstream_password": str,
+    "upstream_password_file": _read_secret_file,
+    "cache_dir": Path,
+    "cache_max_size": parse_size,
+    "log_level": _log_level,
+    "connect_timeout": _positive_float,
+    "read_timeout": _positive_float,
+    "download_timeout": _positive_float,
+}
+_UPSTREAM_KEYS: Final = frozenset({"name", "url", "username", "password", "password_file"})
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+) -> Settings:
+    """Merge file, environment and flags into validated `Settings`."""
+    raw: dict[str, Any] = {}
+    extra_upstreams: list[Any] = []
+    if config_file is not None:
+        document = _read_toml(config_file)
+        extra_upstreams = document.pop("upstreams", [])
+        raw.update(document)
+    environ = os.environ if environ is None else environ
+    for key in _PARSERS:
+        if (value := environ.get(ENV_PREFIX + key.upper())) is not None:
+            raw[key] = value
+    for key, value in (flags or {}).items():
+        if value is not None:
+            raw[key] = value
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        parser = _PARSERS.get(key)
+        if parser is None:
+            raise ConfigError(key, "unknown setting")
+        values[key] = _parse(key, parser, value)
+
+    upstreams = [_default_upstream(values)]
+    upstreams += [_upstream_from_table(i, table) for i, table in enumerate(extra_upstreams)]
+    if "upstream" not in values and extra_upstreams:
+        upstreams.pop(0)  # the file's [[upstreams]] replace the built-in Docker Hub default
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError("upstreams", f"duplicate upstream names in {names}")
+
+    host, port = values.pop("listen", ("0.0.0.0", 5000))
+    for key in ("upstream", "upstream_username", "upstream_password", "upstream_password_file"):
+        values.pop(key, None)
+    return Settings(listen_host=host, listen_port=port, upstreams=tuple(upstreams), **values)
+
+
+def _parse(key: str, parser: Callable[[str], Any], value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(key, f"expected a string or number, got {type(value).__name__}")
+    try:
+        return parser(str(value))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def _default_upstream(values: dict[str, Any]) -> UpstreamSettings:
+    url: URL = values.get("upstream") or URL(DOCKER_HUB_URL)
+    password = values.get("upstream_password_file") or values.get("upstream_password")
+    return UpstreamSettings(
+        name=registry_name(url),
+        url=url,
+        username=values.get("upstream_username"),
+        password=Secret(password) if password else None,
+    )
+
+
+def _upstream_from_table(index: int, table: Any) -> UpstreamSettings:
+    where = f"upstreams[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(where, "expected a table ([[upstreams]])")
+    for key in table:
+        if key not in _UPSTREAM_KEYS:
+            raise ConfigError(f"{where}.{key}", "unknown setting")
+    if "url" not in table:
+        raise ConfigError(f"{where}.url", "missing")
+    url = _parse(f"{where}.url", parse_url, table["url"])
+    password: str | None = None
+    if "password_file" in table:
+        password = _parse(f"{where}.password_file", _read_secret_file, table["password_file"])
+    elif "password" in table:
+        password = _parse(f"{where}.password", str, table["password"])
+    return UpstreamSettings(
+        name=str(table.get("name") or registry_name(url)),
+        url=url,
+        username=table.get("username"),
+        password=Secret(password) if password else None,
+    )

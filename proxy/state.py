@@ -1,0 +1,17 @@
+"""Typed keys for what the application owns (aiohttp's `AppKey`), one place for all of them."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.blobs import BlobService
+from proxy.blobstore import BlobStore
+from proxy.config import Settings
+from proxy.manifests import ManifestService
+from proxy.upstream import Upstream
+
+SETTINGS = web.AppKey("settings", Settings)
+UPSTREAM = web.AppKey("upstream", Upstream)
+STORE = web.AppKey("store", BlobStore)
+BLOBS = web.AppKey("blobs", BlobService)
+MANIFESTS = web.AppKey("manifests", ManifestService)

@@ -1,0 +1,423 @@
+"""The client for one upstream registry: pooled connections, token auth, redirects, errors.
+
+Exceptions raised here (all `RegistryError`s, so the app renders them as OCI errors)::
+
+    UpstreamError                     retryable; the upstream could not give an answer
+    +-- UpstreamUnavailable           502: refused, reset, DNS, a broken body, a 5xx
+    +-- UpstreamTimeout               504: no answer within the connect or read timeout
+    +-- UpstreamRateLimited           429: passed on with the upstream's Retry-After
+    UpstreamRefused                   not retryable; the upstream answered no (401, 403, 404)
+
+aiohttp's exceptions never leave this module: they are translated at `_send` and in
+`BlobStream.chunks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import UpstreamSettings
+from proxy.oci import Digest, ErrorCode, Reference, RegistryError, Repository
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS: Final = 5
+# Docker Hub documents a 60 s lifetime when the token response has no expires_in.
+DEFAULT_TOKEN_LIFETIME: Final = 60.0
+CHUNK_SIZE: Final = 256 * 1024
+
+
+class UpstreamError(RegistryError):
+    retryable = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    def __init__(self, upstream: str, why: str) -> None:
+        super().__init__(
+            ErrorCode.UNAVAILABLE, f"upstream {upstream} unavailable: {why}", status=502
+        )
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, upstream: str, why: str = "timed out") -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, f"upstream {upstream} {why}", status=504)
+
+
+class UpstreamRateLimited(UpstreamError):
+    def __init__(self, upstream: str, retry_after: str | None) -> None:
+        super().__init__(
+            ErrorCode.TOOMANYREQUESTS,
+            f"upstream {upstream} is rate limiting",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        )
+
+
+class UpstreamRefused(RegistryError):
+    retryable = False
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest as the upstream sent it: the bytes are never re-encoded."""
+
+    body: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    media_type: str
+    digest: Digest
+    size: int
+
+
+class BlobStream:
+    """An open upstream blob body; `size` is the whole blob's size when the upstream said it."""
+
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse, offset: int) -> None:
+        self._upstream = upstream
+        self._response = response
+        self.offset = offset
+        self.size = _total_size(response, offset)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(self._upstream, "timed out sending a blob") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self._upstream, f"blob transfer broke: {exc}") from exc
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
+    if response.status == HTTPStatus.PARTIAL_CONTENT:
+        content_range = response.headers.get("Content-Range", "")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
+        return int(match.group(3)) if match else None
+    return response.content_length
+
+
+# auth-param = token BWS "=" BWS ( token / quoted-string ), RFC 9110 section 11.2
+_AUTH_PARAM: Final = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str
+    params: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge | None:
+        scheme, _, rest = header.strip().partition(" ")
+        if not scheme:
+            return None
+        params = {
+            m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+            for m in _AUTH_PARAM.finditer(rest)
+        }
+        return cls(scheme.lower(), params)
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires: float
+
+
+class Upstream:
+    """One upstream registry, with one pooled `ClientSession`."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, connect=connect_timeout,
+            sock_read=read_timeout,
+        )  # fmt: skip
+        self._session: aiohttp.ClientSession | None = None
+        self._challenge: Challenge | None = None
+        self._tokens: dict[str, _Token] = {}
+        self._token_fetches: dict[str, asyncio.Future[str]] = {}
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            auto_decompress=False,  # blobs must arrive byte-exact, whatever the encoding
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            headers={"User-Agent": "registry-proxy"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def remote_name(self, repository: Repository) -> str:
+        """Docker Hub keeps its official images under `library/`; no other registry does."""
+        if self.settings.is_docker_hub and "/" not in repository.name:
+            return f"library/{repository.name}"
+        return repository.name
+
+    async def get_manifest(
+        self, repository: Repository, reference: Reference, accept: list[str]
+    ) -> Manifest:
+        path = f"{self.remote_name(repository)}/manifests/{reference}"
+        response = await self._send("GET", path, repository, {"Accept": ", ".join(accept)})
+        try:
+            self._raise_for_status(response, ErrorCode.MANIFEST_UNKNOWN)
+            body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self.name, f"manifest transfer broke: {exc}") from exc
+        finally:
+            response.release()
+        media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        digest = _verify_manifest(self.name, body, reference, response.headers)
+        return Manifest(body=body, media_type=media_type, digest=digest)
+
+    async def head_manifest(
+        self, repository: Repository, reference: Reference, accept: list[str]
+    ) -> ManifestHead | None:
+        """The manifest's digest and type without a body; None when the upstream omits them."""
+        path = f"{self.remote_name(repository)}/manifests/{reference}"
+        response = await self._send("HEAD", path, repository, {"Accept": ", ".join(accept)})
+        response.release()
+        self._raise_for_status(response, ErrorCode.MANIFEST_UNKNOWN)
+        header = response.headers.get("Docker-Content-Digest")
+        if header is None or response.content_length is None:
+            return None
+        try:
+            digest = Digest.parse(header)
+        except RegistryError:
+            return None
+        media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        return ManifestHead(media_type=media_type, digest=digest, size=response.content_length)
+
+    async def open_blob(
+        self, repository: Repository, digest: Digest, offset: int = 0
+    ) -> BlobStream:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        path = f"{self.remote_name(repository)}/blobs/{digest}"
+        response = await self._send("GET", path, repository, headers)
+        try:
+            self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
+            if offset and response.status != HTTPStatus.PARTIAL_CONTENT:
+                raise UpstreamUnavailable(self.name, "ignored a Range request")
+        except RegistryError:
+            response.release()
+            raise
+        return BlobStream(self.name, response, offset)
+
+    async def head_blob(self, repository: Repository, digest: Digest) -> int:
+        path = f"{self.remote_name(repository)}/blobs/{digest}"
+        response = await self._send("HEAD", path, repository, {})
+        response.release()
+        self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
+        if response.content_length is None:
+            raise UpstreamUnavailable(self.name, "did not say the blob's size")
+        return response.content_length
+
+    async def get_tags(self, repository: Repository, query: str) -> tuple[bytes, str | None]:
+        """The tag list body and the `Link` header, rewritten to the client's name."""
+        remote = self.remote_name(repository)
+        path = f"{remote}/tags/list" + (f"?{query}" if query else "")
+        response = await self._send("GET", path, repository, {})
+        try:
+            self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
+            body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self.name, f"tag list transfer broke: {exc}") from exc
+        finally:
+            response.release()
+        link = response.headers.get("Link")
+        if link is not None and remote != repository.name:
+            link = link.replace(f"/v2/{remote}/", f"/v2/{repository.name}/")
+        return body, link
+
+    async def _send(
+        self, method: str, path: str, repository: Repository | None, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send a request, authorising on a 401 once and following redirects by hand.
+
+        Redirects are followed here rather than by aiohttp so that the `Authorization` header
+        provably never reaches another host (blob CDNs get pre-signed URLs instead).
+        """
+        scope = f"repository:{self.remote_name(repository)}:pull" if repository else None
+        url = self.settings.url / "v2" / ""
+        url = URL(str(url) + path, encoded=True)
+        response = await self._request_with_auth(method, url, scope, headers)
+        for _ in range(MAX_REDIRECTS):
+            if response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if location is None:
+                raise UpstreamUnavailable(self.name, "redirect without Location")
+            target = response.url.join(URL(location))
+            if target.origin() == self.settings.url.origin():
+                response = await self._request_with_auth(method, target, scope, headers)
+            else:
+                response = await self._request(method, target, dict(headers))
+        response.release()
+        raise UpstreamUnavailable(self.name, f"more than {MAX_REDIRECTS} redirects")
+
+    async def _request_with_auth(
+        self, method: str, url: URL, scope: str | None, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        authorization = await self._authorization(scope, refresh=False)
+        response = await self._request(method, url, _with_auth(headers, authorization))
+        if response.status != HTTPStatus.UNAUTHORIZED:
+            return response
+        challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
+        if challenge is None:
+            return response
+        response.release()
+        self._challenge = challenge
+        authorization = await self._authorization(scope, refresh=True)
+        return await self._request(method, url, _with_auth(headers, authorization))
+
+    async def _request(
+        self, method: str, url: URL, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None, "Upstream.start() was not called"
+        try:
+            return await self._session.request(method, url, headers=headers, allow_redirects=False)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(self.name) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+
+    async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic_auth()
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return None
+        key = scope or ""
+        token = self._tokens.get(key)
+        if token is not None and not refresh and token.expires > time.monotonic():
+            return f"Bearer {token.value}"
+        # One token request per scope at a time: a herd of misses shares it.
+        pending = self._token_fetches.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_token(challenge, scope))
+            self._token_fetches[key] = pending
+            pending.add_done_callback(lambda _: self._token_fetches.pop(key, None))
+        return f"Bearer {await asyncio.shield(pending)}"
+
+    async def _fetch_token(self, challenge: Challenge, scope: str | None) -> str:
+        assert self._session is not None
+        query = {"service": challenge.params.get("service", "")}
+        if scope:
+            query["scope"] = scope
+        realm = URL(challenge.params["realm"]).update_query(query)
+        headers = {}
+        if (basic := self._basic_auth()) is not None:
+            headers["Authorization"] = basic
+        try:
+            async with self._session.get(realm, headers=headers) as response:
+                if response.status in (401, 403):
+                    raise UpstreamRefused(
+                        ErrorCode.UNAUTHORIZED, f"upstream {self.name} refused the credentials"
+                    )
+                if response.status >= 400:
+                    raise UpstreamUnavailable(
+                        self.name, f"token endpoint answered {response.status}"
+                    )
+                document = await response.json(content_type=None)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(self.name, "token endpoint timed out") from exc
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamUnavailable(self.name, f"token endpoint failed: {exc}") from exc
+        value = document.get("token") or document.get("access_token")
+        if not isinstance(value, str) or not value:
+            raise UpstreamUnavailable(self.name, "token endpoint returned no token")
+        lifetime = document.get("expires_in")
+        if not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        # Renew a little early so a token never expires in flight.
+        self._tokens[scope or ""] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
+        return value
+
+    def _basic_auth(self) -> str | None:
+        username, password = self.settings.username, self.settings.password
+        if username is None or password is None:
+            return None
+        return aiohttp.BasicAuth(username, password.reveal()).encode()
+
+    def _raise_for_status(self, response: aiohttp.ClientResponse, not_found: ErrorCode) -> None:
+        status = response.status
+        if status < 300:
+            return
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
+            raise UpstreamRateLimited(self.name, response.headers.get("Retry-After"))
+        if status == HTTPStatus.NOT_FOUND:
+            raise UpstreamRefused(not_found, f"{not_found.message} upstream ({self.name})")
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise UpstreamRefused(ErrorCode.UNAUTHORIZED, f"upstream {self.name} needs credentials")
+        if status == HTTPStatus.FORBIDDEN:
+            raise UpstreamRefused(ErrorCode.DENIED, f"upstream {self.name} denied access")
+        if status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+            raise UpstreamRefused(ErrorCode.RANGE_INVALID, "range not satisfiable upstream")
+        if status >= 500:
+            raise UpstreamUnavailable(self.name, f"answered {status}")
+        raise UpstreamUnavailable(self.name, f"answered unexpected status {status}")
+
+
+def _with_auth(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:
+    result = dict(headers)
+    if authorization is not None:
+        result["Authorization"] = authorization
+    return result
+
+
+def _verify_manifest(
+    upstream: str, body: bytes, reference: Reference, headers: CIMultiDictProxy[str]
+) -> Digest:
+    """The manifest's digest, checked against the reference and the upstream's claim."""
+    expected: Digest | None = reference if isinstance(reference, Digest) else None
+    if expected is None and (claimed := headers.get("Docker-Content-Digest")):
+        try:
+            expected = Digest.parse(claimed)
+        except RegistryError:
+            expected = None
+    actual = Digest.of(body, expected.algorithm if expected else "sha256")
+    if expected is not None and actual != expected:
+        raise UpstreamUnavailable(upstream, f"manifest digest mismatch: got {actual}")
+    return actual
+
+
+__all__ = [
+    "BlobStream",
+    "Challenge",
+    "Manifest",
+    "ManifestHead",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamRefused",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
