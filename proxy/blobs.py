@@ -15,10 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.blobstore import BlobStore, Download, State
+from proxy.blobstore import BlobSource, BlobStore, Download, Opener, State
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
-from proxy.upstream import BlobStream, Upstream
+from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class BlobService:
         if request.method == "HEAD":
             return await self._head_upstream(request, upstream, repository, digest)
 
-        async def opener(offset: int) -> BlobStream:
+        async def opener(offset: int) -> BlobSource:
             return await upstream.open_blob(repository, digest, offset)
 
         download, started = self.store.download(digest, opener)
@@ -103,7 +103,7 @@ class BlobService:
         return response
 
     async def _serve_download(
-        self, request: web.Request, download: Download, opener: Any, result: str
+        self, request: web.Request, download: Download, opener: Opener, result: str
     ) -> web.StreamResponse:
         size = download.size
         if size is None:
@@ -130,9 +130,9 @@ class BlobService:
         return response
 
     async def _pass_through(
-        self, request: web.Request, digest: Digest, opener: Any
+        self, request: web.Request, digest: Digest, opener: Opener
     ) -> web.StreamResponse:
-        stream: BlobStream = await opener(0)
+        stream = await opener(0)
         stream.close()
         if stream.size is None:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream did not say the blob's size")
@@ -153,7 +153,7 @@ class BlobService:
 async def _relay(
     request: web.Request,
     response: web.StreamResponse,
-    opener: Any,
+    opener: Opener,
     digest: Digest,
     position: int,
     body: Body,
@@ -166,7 +166,7 @@ async def _relay(
     """
     if position > body.end:
         return
-    stream: BlobStream = await opener(position)
+    stream = await opener(position)
     try:
         async for chunk in stream.chunks():
             remaining = body.end - position + 1

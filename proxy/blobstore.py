@@ -41,10 +41,9 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from proxy.oci import Digest, ErrorCode, RegistryError
-from proxy.upstream import BlobStream
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,20 @@ log = logging.getLogger(__name__)
 TOUCH_INTERVAL: Final = 60.0
 READ_CHUNK: Final = 1024 * 1024
 
-Opener = Callable[[int], Awaitable[BlobStream]]
+
+class BlobSource(Protocol):
+    """An open blob body from upstream (`upstream.BlobStream`, or a fake in tests)."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+# Opens the blob from a byte offset; raises a RegistryError when the upstream cannot.
+Opener = Callable[[int], Awaitable[BlobSource]]
 
 
 class DigestMismatch(RegistryError):
@@ -120,7 +132,7 @@ class Download:
     async def run(self) -> None:
         reserved = 0
         fd = -1
-        stream: BlobStream | None = None
+        stream: BlobSource | None = None
         try:
             async with asyncio.timeout(self.store.download_timeout):
                 stream = await self.opener(0)
@@ -169,7 +181,7 @@ class Download:
             raise
         return fd
 
-    async def _write(self, stream: BlobStream, fd: int) -> None:
+    async def _write(self, stream: BlobSource, fd: int) -> None:
         assert self.size is not None
         async for chunk in stream.chunks():
             if self.written + len(chunk) > self.size:
@@ -216,7 +228,7 @@ class Download:
         try:
             position = start
             while position <= end:
-                available = min(self.written, end + 1)
+                available = min(self._verified_or_held_back(), end + 1)
                 if position < available:
                     yield fd, position, available - position
                     position = available
@@ -230,6 +242,14 @@ class Download:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _verified_or_held_back(self) -> int:
+        """How many bytes readers may have: all that landed, but the last byte only once the
+        whole blob verified, so that a client never receives a complete body with a bad digest.
+        """
+        if self.state in (State.COMPLETE, State.DEGRADED) or self.size is None:
+            return self.written
+        return min(self.written, self.size - 1)
 
     def _open_reader(self) -> int:
         for path in (self.temp_path, self.final_path):
@@ -422,6 +442,9 @@ class BlobStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return download, True
+
+    def in_flight(self, digest: Digest) -> Download | None:
+        return self._downloads.get(digest)
 
     def lease(self, digest: Digest) -> contextlib.AbstractContextManager[None]:
         @contextlib.contextmanager

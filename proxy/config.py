@@ -7,11 +7,13 @@ prints as one line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
 
@@ -106,7 +108,7 @@ def parse_size(text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"{text!r} is not a size (examples: 50GiB, 500MB, 1048576)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = int(Fraction(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
         raise ValueError("must be larger than zero")
     return size
@@ -138,8 +140,8 @@ def registry_name(url: URL) -> str:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be larger than zero")
+    if not math.isfinite(value) or value <= 0:  # float() also accepts "nan" and "inf"
+        raise ValueError("must be a finite number larger than zero")
     return value
 
 
@@ -230,7 +232,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(file)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # tomllib decodes UTF-8 itself
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
 
 

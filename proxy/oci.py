@@ -171,7 +171,7 @@ def manifest_media_type(body: bytes) -> str:
     """
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return "application/octet-stream"
     if not isinstance(document, dict):
         return "application/octet-stream"

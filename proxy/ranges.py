@@ -13,7 +13,7 @@ from typing import Final
 from proxy.oci import ErrorCode, RegistryError
 
 # byte-range-spec = first-pos "-" [ last-pos ]; suffix-range = "-" suffix-length
-_SINGLE_RANGE: Final = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_SINGLE_RANGE: Final = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ aiohttp's exceptions never leave this module: they are translated at `_send` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -365,7 +366,8 @@ class Upstream:
         username, password = self.settings.username, self.settings.password
         if username is None or password is None:
             return None
-        return aiohttp.BasicAuth(username, password.reveal()).encode()
+        credentials = f"{username}:{password.reveal()}".encode()
+        return "Basic " + base64.b64encode(credentials).decode("ascii")
 
     def _raise_for_status(self, response: aiohttp.ClientResponse, not_found: ErrorCode) -> None:
         status = response.status

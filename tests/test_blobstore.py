@@ -1,0 +1,209 @@
+"""The blob store on its own: downloads, verification, single flight, LRU, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+from blobsources import CountingOpener, random_blob
+
+from proxy.blobstore import BlobStore, DigestMismatch, Download, State
+from proxy.oci import Digest
+
+
+async def read_all(download: Download, start: int = 0, end: int | None = None) -> bytes:
+    await download.wait_ready()
+    assert download.size is not None
+    end = download.size - 1 if end is None else end
+    out = bytearray()
+    async for fd, offset, count in download.read(start, end):
+        out += os.pread(fd, count, offset)
+    return bytes(out)
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> BlobStore:
+    store = BlobStore(tmp_path / "cache", 10 * 1024 * 1024)
+    await store.open()
+    return store
+
+
+async def test_a_download_is_verified_and_lands_at_its_digest_path(store: BlobStore) -> None:
+    digest, data = random_blob(300_000)
+    download, started = store.download(digest, CountingOpener(data))
+    assert started
+
+    assert await read_all(download) == data
+    assert download.task is not None
+    await download.task
+    assert download.state is State.COMPLETE
+    assert store.blob_path(digest).read_bytes() == data
+    assert digest in store
+    assert files_under(store.temp_dir) == []
+
+
+async def test_concurrent_requests_share_one_download_and_read_while_it_streams(
+    store: BlobStore,
+) -> None:
+    digest, data = random_blob(1_000_000)
+    paused, release = asyncio.Event(), asyncio.Event()
+    opener = CountingOpener(data, pause_at=400_000, paused=paused, release=release)
+
+    first, started_first = store.download(digest, opener)
+    second, started_second = store.download(digest, opener)
+    assert started_first
+    assert not started_second
+    assert second is first
+
+    await paused.wait()
+    # The download is stuck half way, yet a reader already gets the bytes that landed.
+    early = await anext(aiter(first.read(0, len(data) - 1)))
+    assert early[1] == 0
+    assert 0 < early[2] <= 400_000
+    assert first.state is State.STREAMING
+
+    readers = [asyncio.create_task(read_all(first)) for _ in range(10)]
+    ranged = asyncio.create_task(read_all(first, 350_000, 450_000))
+    release.set()
+    assert all(body == data for body in await asyncio.gather(*readers))
+    assert await ranged == data[350_000:450_001]
+    assert opener.offsets == [0]
+
+
+async def test_a_lying_upstream_leaves_nothing_cached_and_readers_fail(store: BlobStore) -> None:
+    digest, data = random_blob(200_000)
+    lie = bytearray(data)
+    lie[1000] ^= 0xFF
+    download, _ = store.download(digest, CountingOpener(bytes(lie)))
+
+    with pytest.raises(DigestMismatch):
+        await read_all(download)
+    assert download.state is State.FAILED
+    assert digest not in store
+    assert files_under(store.root) == []
+    assert store.digest_mismatches == 1
+
+    retry, started = store.download(digest, CountingOpener(data))
+    assert started
+    assert await read_all(retry) == data
+
+
+async def test_a_truncated_body_is_not_cached(store: BlobStore) -> None:
+    digest, data = random_blob(200_000)
+    download, _ = store.download(digest, CountingOpener(data[:150_000], size=len(data)))
+    with pytest.raises(DigestMismatch):
+        await read_all(download)
+    assert digest not in store
+    assert files_under(store.root) == []
+
+
+async def test_a_download_outlives_its_first_reader(store: BlobStore) -> None:
+    digest, data = random_blob(500_000)
+    paused, release = asyncio.Event(), asyncio.Event()
+    download, _ = store.download(
+        digest, CountingOpener(data, pause_at=100_000, paused=paused, release=release)
+    )
+    reader = asyncio.create_task(read_all(download))
+    await paused.wait()
+    reader.cancel()  # the client went away
+    release.set()
+    assert download.task is not None
+    await download.task
+    assert store.blob_path(digest).read_bytes() == data
+
+
+async def test_a_blob_larger_than_the_budget_is_not_cached(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 100_000)
+    await store.open()
+    digest, data = random_blob(200_000)
+    download, _ = store.download(digest, CountingOpener(data))
+    await download.wait_ready()
+    assert download.task is not None
+    await download.task
+    assert download.state is State.DEGRADED
+    assert digest not in store
+    assert files_under(store.root) == []
+
+
+def put(store: BlobStore, size: int) -> Digest:
+    digest, data = random_blob(size)
+    store.put_small(digest, data)
+    return digest
+
+
+async def test_the_least_recently_used_blob_is_evicted_first(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 300_000)
+    await store.open()
+    a, b, c = put(store, 100_000), put(store, 100_000), put(store, 100_000)
+    with store.open_blob(a) as hit:
+        assert hit is not None  # a is now the most recent
+
+    d = put(store, 100_000)
+    assert b not in store
+    assert {a, c, d} <= {x for x in (a, b, c, d) if x in store}
+    assert store.stats().size == 300_000
+    await store.close()
+    assert not store.blob_path(b).exists()
+
+
+async def test_a_blob_being_read_is_passed_over_and_survives_eviction(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 200_000)
+    await store.open()
+    digest, data = random_blob(100_000)
+    store.put_small(digest, data)
+    other = put(store, 100_000)
+    with store.open_blob(digest) as opened:
+        assert opened is not None
+        fd, size = opened
+        put(store, 100_000)  # must evict, and the leased blob is passed over
+        assert digest in store
+        assert other not in store
+        store.evict(digest)  # an operator evicts it anyway: the reader is undisturbed
+        await store.close()
+        assert os.pread(fd, size, 0) == data
+    assert digest not in store
+
+
+async def test_restart_rebuilds_the_index_in_recency_order_and_drops_partials(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path, 300_000)
+    await store.open()
+    old, new = put(store, 100_000), put(store, 100_000)
+    past = time.time() - 3600
+    os.utime(store.blob_path(old), (past, past))
+    abandoned = store.temp_dir / "sha256-abandoned"
+    abandoned.write_bytes(b"partial")
+    live = store.temp_dir / "sha256-live"
+    live.write_bytes(b"being written by another process")
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    restarted = BlobStore(tmp_path, 200_000)
+    await restarted.open()
+    os.close(holder)
+
+    assert not abandoned.exists()
+    assert live.exists()
+    assert new in restarted
+    assert old in restarted
+    put(restarted, 100_000)  # over budget: the older blob goes first
+    assert old not in restarted
+    assert new in restarted
+
+
+async def test_a_file_corrupted_on_disk_is_never_served_as_a_manifest(store: BlobStore) -> None:
+    digest, data = random_blob(1000)
+    store.put_small(digest, data)
+    path = store.blob_path(digest)
+    path.write_bytes(b"X" + data[1:])
+    assert store.read_small(digest) is None
+    assert digest not in store
