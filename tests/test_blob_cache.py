@@ -34,7 +34,7 @@ def add_blob(upstream: FakeUpstreamServer, size: int) -> tuple[str, bytes]:
 
 
 def store_of(client: Client) -> BlobStore:
-    return client.app[state.STORE]  # type: ignore[index]
+    return client.app[state.STORE]
 
 
 async def finish_download(client: Client, digest: str) -> None:
