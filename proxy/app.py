@@ -13,11 +13,10 @@ from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
 from proxy.oci import ErrorCode, RegistryError
-from proxy.upstream import Upstream
+from proxy.routing import Upstreams
+from proxy.tags import TagCache
 
 log = logging.getLogger(__name__)
-
-API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -48,37 +47,36 @@ async def render_errors(request: web.Request, handler: routes.Handler) -> web.St
         return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error"))
 
 
-async def _add_api_version(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[API_VERSION[0]] = API_VERSION[1]
-
-
 def create_app(
-    settings: Settings, *, upstream: Upstream | None = None, store: BlobStore | None = None
+    settings: Settings,
+    *,
+    upstreams: Upstreams | None = None,
+    store: BlobStore | None = None,
+    tags: TagCache | None = None,
 ) -> web.Application:
+    """The mirror; tests inject their own upstreams, store or tag cache."""
     app = web.Application(middlewares=[render_errors])
-    upstream = upstream or Upstream(
-        settings.default_upstream,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-    )
+    upstreams = upstreams or Upstreams(settings)
     store = store or BlobStore(
         settings.cache_dir, settings.cache_max_size, download_timeout=settings.download_timeout
     )
+    tags = tags or TagCache.from_settings(settings)
     app[state.SETTINGS] = settings
-    app[state.UPSTREAM] = upstream
+    app[state.UPSTREAMS] = upstreams
     app[state.STORE] = store
+    app[state.TAGS] = tags
     app[state.BLOBS] = BlobService(store)
-    app[state.MANIFESTS] = ManifestService(store)
+    app[state.MANIFESTS] = ManifestService(store, tags, settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        await upstream.start()
         yield
         await store.close()
-        await upstream.close()
+        await upstreams.close()
+        await tags.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.on_response_prepare.append(_add_api_version)
+    app.on_response_prepare.append(routes.add_protocol_headers)
     app.router.add_route("*", "/v2", routes.registry_api)
     app.router.add_route("*", "/v2/{tail:.*}", routes.registry_api)
     return app

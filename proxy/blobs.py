@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.blobstore import BlobSource, BlobStore, Download, Opener, State
+from proxy.blobstore import BlobSource, BlobStore, CacheResult, Download, Opener, State
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
 from proxy.upstream import Upstream
@@ -23,12 +23,6 @@ from proxy.upstream import Upstream
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
-
-
-class CacheResult:
-    HIT = "HIT"
-    MISS = "MISS"
-    COALESCED = "COALESCED"
 
 
 @dataclass(slots=True)

@@ -72,6 +72,15 @@ class DigestMismatch(RegistryError):
         super().__init__(ErrorCode.DIGEST_INVALID, f"upstream sent bad content for {digest}: {why}")
 
 
+class CacheResult:
+    """How a response was answered, as the `X-Cache` header and metrics label say it."""
+
+    HIT = "HIT"
+    MISS = "MISS"
+    COALESCED = "COALESCED"
+    STALE = "STALE"
+
+
 class NotCacheable(Exception):
     """The blob cannot go through the cache (too large, unknown size, no space, read-only)."""
 

@@ -54,11 +54,33 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class TagTtl:
+    """Tags whose whole name matches `pattern` (a regex) stay fresh for `ttl` seconds."""
+
+    pattern: re.Pattern[str]
+    ttl: float
+
+    def matches(self, tag: str) -> bool:
+        return self.pattern.fullmatch(tag) is not None
+
+
+# Moving tags are revalidated often, release tags seldom (issue: "latest 1 minute, version-like
+# tags 1 day"); anything else falls back to `tag_ttl`.
+DEFAULT_TAG_TTLS: Final = (
+    TagTtl(re.compile(r"latest|main|master|nightly|edge|dev|develop|canary|stable"), 60.0),
+    TagTtl(re.compile(r"v?\d+(\.\d+)+([-+_.][0-9A-Za-z.-]+)?"), 86400.0),
+)
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     name: str  # the registry host clients know it by: docker.io, ghcr.io, ...
     url: URL
     username: str | None = None
     password: Secret | None = None
+    # Checked before the global rules; None falls back to the global `tag_ttl`.
+    tag_ttls: tuple[TagTtl, ...] = ()
+    tag_ttl: float | None = None
 
     @property
     def is_docker_hub(self) -> bool:
@@ -77,6 +99,27 @@ class Settings:
     read_timeout: float = 60.0
     # A whole blob download, which belongs to the cache and outlives the request that started it.
     download_timeout: float = 3600.0
+    tag_ttl: float = 600.0
+    tag_ttls: tuple[TagTtl, ...] = DEFAULT_TAG_TTLS
+    # How long a tag resolution is kept to serve stale while the upstream fails.
+    stale_ttl: float = 7 * 86400.0
+    # How long an upstream 404 for a tag is remembered.
+    negative_ttl: float = 30.0
+    # A revalidation slower than this serves the stale answer instead of making clients wait.
+    revalidate_timeout: float = 3.0
+    # Consecutive failures that open an upstream's circuit breaker, and how long it stays open.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 10.0
+    # aiocache backend for tag resolutions: None keeps them in memory; redis://host:port/db.
+    redis_url: str | None = None
+    # Serve `?ns=<host>` for registries that are not configured, at https://<host>.
+    allow_any_registry: bool = False
+
+    def tag_ttl_for(self, upstream: UpstreamSettings, tag: str) -> float:
+        for rule in (*upstream.tag_ttls, *self.tag_ttls):
+            if rule.matches(tag):
+                return rule.ttl
+        return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -145,6 +188,63 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_DURATION: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|)")
+_DURATION_UNITS: Final = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h`, `1d`, `500ms`: seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 10m, 1h, 1d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be larger than zero")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _redis_url(text: str) -> str:
+    url = URL(text)
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ValueError(f"{text!r} is not a redis:// URL (example: redis://127.0.0.1:6379/0)")
+    return text
+
+
+def _tag_ttls(where: str, value: Any) -> tuple[TagTtl, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(where, "expected a list of tables with pattern and ttl")
+    rules = []
+    for index, table in enumerate(value):
+        item = f"{where}[{index}]"
+        if not isinstance(table, dict) or set(table) != {"pattern", "ttl"}:
+            raise ConfigError(item, "expected a table with exactly pattern and ttl")
+        try:
+            pattern = re.compile(str(table["pattern"]))
+        except re.error as exc:
+            raise ConfigError(f"{item}.pattern", f"not a regular expression: {exc}") from None
+        rules.append(TagTtl(pattern, _parse(f"{item}.ttl", _positive_duration, table["ttl"])))
+    return tuple(rules)
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
@@ -172,8 +272,18 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "connect_timeout": _positive_float,
     "read_timeout": _positive_float,
     "download_timeout": _positive_float,
+    "tag_ttl": _positive_duration,
+    "stale_ttl": _positive_duration,
+    "negative_ttl": parse_duration,
+    "revalidate_timeout": _positive_duration,
+    "breaker_failures": _positive_int,
+    "breaker_cooldown": _positive_duration,
+    "redis_url": _redis_url,
+    "allow_any_registry": _boolean,
 }
-_UPSTREAM_KEYS: Final = frozenset({"name", "url", "username", "password", "password_file"})
+_UPSTREAM_KEYS: Final = frozenset(
+    {"name", "url", "username", "password", "password_file", "tag_ttl", "tag_ttls"}
+)
 
 
 def load_settings(
@@ -184,9 +294,12 @@ def load_settings(
     """Merge file, environment and flags into validated `Settings`."""
     raw: dict[str, Any] = {}
     extra_upstreams: list[Any] = []
+    tag_ttls: tuple[TagTtl, ...] | None = None
     if config_file is not None:
         document = _read_toml(config_file)
         extra_upstreams = document.pop("upstreams", [])
+        if "tag_ttls" in document:
+            tag_ttls = _tag_ttls("tag_ttls", document.pop("tag_ttls"))
         raw.update(document)
     environ = os.environ if environ is None else environ
     for key in _PARSERS:
@@ -214,10 +327,14 @@ def load_settings(
     host, port = values.pop("listen", ("0.0.0.0", 5000))
     for key in ("upstream", "upstream_username", "upstream_password", "upstream_password_file"):
         values.pop(key, None)
+    if tag_ttls is not None:
+        values["tag_ttls"] = tag_ttls
     return Settings(listen_host=host, listen_port=port, upstreams=tuple(upstreams), **values)
 
 
 def _parse(key: str, parser: Callable[[str], Any], value: Any) -> Any:
+    if isinstance(value, bool) and parser is _boolean:
+        return value
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ConfigError(key, f"expected a string or number, got {type(value).__name__}")
     try:
@@ -262,9 +379,14 @@ def _upstream_from_table(index: int, table: Any) -> UpstreamSettings:
         password = _parse(f"{where}.password_file", _read_secret_file, table["password_file"])
     elif "password" in table:
         password = _parse(f"{where}.password", str, table["password"])
+    tag_ttl = table.get("tag_ttl")
     return UpstreamSettings(
         name=str(table.get("name") or registry_name(url)),
         url=url,
         username=table.get("username"),
         password=Secret(password) if password else None,
+        tag_ttls=_tag_ttls(f"{where}.tag_ttls", table.get("tag_ttls", [])),
+        tag_ttl=None
+        if tag_ttl is None
+        else _parse(f"{where}.tag_ttl", _positive_duration, tag_ttl),
     )

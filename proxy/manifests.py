@@ -1,28 +1,42 @@
-"""Manifests: by digest from the content store (immutable), by tag from the upstream.
+"""Manifests: by digest from the content store (immutable), by tag through a resolution cache.
 
 Manifests are content-addressed like blobs, so they live in the same store; their media type
 is read back from the bytes (`oci.manifest_media_type`), never from a side file that could
 disagree with them.
+
+A tag request, in order:
+
+1. a fresh resolution (younger than the tag's TTL) whose manifest is in the store: served
+   without contacting the upstream (HIT);
+2. otherwise one revalidation per key at a time, shared by every concurrent request: a HEAD
+   (Docker Hub does not count HEADs as pulls), and a GET only when the digest moved (MISS);
+3. the upstream failing (unreachable, timing out, 5xx, 429) or answering slower than
+   `revalidate_timeout`: the last resolution, however old, is served (STALE);
+4. a 404 is remembered for `negative_ttl`, so a herd asking for a missing tag costs one call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from proxy.blobs import CacheResult
-from proxy.blobstore import BlobStore
+from proxy.blobstore import BlobStore, CacheResult
+from proxy.config import Settings
 from proxy.oci import (
     Digest,
     ErrorCode,
     MediaType,
-    Reference,
     RegistryError,
     Repository,
+    Tag,
     accepted_media_types,
     accepts,
     manifest_media_type,
 )
-from proxy.upstream import Upstream
+from proxy.tags import Resolution, TagCache, resolution_key
+from proxy.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamTimeout
 
 # What we ask the upstream for when the client names nothing: every manifest type we know.
 ALL_MANIFEST_TYPES = sorted(MediaType.MANIFESTS)
@@ -38,46 +52,144 @@ class ManifestAnswer:
 
 
 class ManifestService:
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, tags: TagCache, settings: Settings) -> None:
         self.store = store
+        self.tags = tags
+        self.settings = settings
+        self._resolving: dict[str, asyncio.Future[tuple[Resolution, str]]] = {}
 
-    async def get(
+    async def by_digest(
+        self, upstream: Upstream, repository: Repository, digest: Digest, *, head: bool
+    ) -> ManifestAnswer:
+        cached = self.store.read_small(digest)
+        if cached is not None:
+            return _answer(cached, digest, head, CacheResult.HIT)
+        manifest = await upstream.get_manifest(repository, digest, ALL_MANIFEST_TYPES)
+        self.store.put_small(manifest.digest, manifest.body)
+        return _answer(manifest.body, digest, head, CacheResult.MISS)
+
+    async def by_tag(
         self,
         upstream: Upstream,
         repository: Repository,
-        reference: Reference,
+        tag: Tag,
         accept_lines: list[str],
         *,
         head: bool,
     ) -> ManifestAnswer:
         accepted = accepted_media_types(accept_lines)
-        # The set, sorted: clients vary the order of the same types from request to request.
+        key = resolution_key(upstream.name, repository.name, tag.name, accepted)
+        if await self.tags.is_missing(key):
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"manifest unknown upstream ({tag})")
+        known = await self.tags.get(key)
+        ttl = self.settings.tag_ttl_for(upstream.settings, tag.name)
+        if known is not None and time.time() - known.checked < ttl:
+            answer = await self._from_resolution(upstream, repository, known, head, CacheResult.HIT)
+            if answer is not None:
+                return answer
+
+        async def resolve() -> tuple[Resolution, str]:
+            return await self._resolve(upstream, repository, tag, accepted, key, known, head)
+
+        resolution, result = await self._single_flight(key, resolve)
+        answer = await self._from_resolution(upstream, repository, resolution, head, result)
+        if answer is None:
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE,
+                f"upstream {upstream.name} unavailable and manifest not cached",
+            )
+        return answer
+
+    async def _resolve(
+        self,
+        upstream: Upstream,
+        repository: Repository,
+        tag: Tag,
+        accepted: frozenset[str],
+        key: str,
+        known: Resolution | None,
+        head: bool,
+    ) -> tuple[Resolution, str]:
         wanted = sorted(accepted) if accepted else ALL_MANIFEST_TYPES
-        if isinstance(reference, Digest):
-            cached = self.store.read_small(reference)
-            if cached is not None:
-                return _answer(cached, reference, head, CacheResult.HIT)
-        elif head:
-            found = await upstream.head_manifest(repository, reference, wanted)
-            if found is not None and accepts(accepted, found.media_type):
-                return ManifestAnswer(
-                    found.media_type, found.digest, found.size, None, CacheResult.MISS
+        # A HEAD revalidates without counting as a pull; a first GET goes straight for the bytes.
+        cheap_first = known is not None or head
+        try:
+            # With an answer to fall back on, a slow upstream is no reason to make clients wait.
+            timeout = self.settings.revalidate_timeout if known is not None else None
+            async with asyncio.timeout(timeout):
+                found = (
+                    await upstream.head_manifest(repository, tag, wanted) if cheap_first else None
                 )
-        manifest = await upstream.get_manifest(repository, reference, wanted)
+                if found is not None and accepts(accepted, found.media_type):
+                    if known is not None and found.digest == Digest.parse(known.digest):
+                        resolution = Resolution(
+                            known.digest, known.media_type, known.size, time.time()
+                        )
+                        await self.tags.put(key, resolution)
+                        return resolution, CacheResult.HIT
+                    if found.digest in self.store:
+                        resolution = Resolution(
+                            str(found.digest), found.media_type, found.size, time.time()
+                        )
+                        await self.tags.put(key, resolution)
+                        return resolution, CacheResult.MISS
+                manifest = await upstream.get_manifest(repository, tag, wanted)
+        except UpstreamRefused as refused:
+            if refused.code is ErrorCode.MANIFEST_UNKNOWN:
+                await self.tags.put_missing(key)
+                await self.tags.forget(key)
+            raise
+        except (UpstreamError, TimeoutError) as failure:
+            if known is not None:
+                return known, CacheResult.STALE
+            if isinstance(failure, TimeoutError):
+                raise UpstreamTimeout(upstream.name) from failure
+            raise
         media_type = manifest.media_type or manifest_media_type(manifest.body)
-        if not isinstance(reference, Digest) and not accepts(accepted, media_type):
+        if not accepts(accepted, media_type):
             raise RegistryError(
                 ErrorCode.MANIFEST_UNKNOWN,
                 f"upstream offers {media_type}, which the client does not accept",
             )
         self.store.put_small(manifest.digest, manifest.body)
+        resolution = Resolution(str(manifest.digest), media_type, len(manifest.body), time.time())
+        await self.tags.put(key, resolution)
+        return resolution, CacheResult.MISS
+
+    async def _from_resolution(
+        self,
+        upstream: Upstream,
+        repository: Repository,
+        resolution: Resolution,
+        head: bool,
+        result: str,
+    ) -> ManifestAnswer | None:
+        digest = Digest.parse(resolution.digest)
+        if head:
+            return ManifestAnswer(resolution.media_type, digest, resolution.size, None, result)
+        body = self.store.read_small(digest)
+        if body is not None:
+            return ManifestAnswer(resolution.media_type, digest, len(body), body, result)
+        if result == CacheResult.STALE:
+            return None
+        # Resolved by a HEAD, or evicted since: the bytes by digest, which never change.
+        manifest = await upstream.get_manifest(repository, digest, [resolution.media_type, "*/*"])
+        self.store.put_small(manifest.digest, manifest.body)
         return ManifestAnswer(
-            media_type,
-            manifest.digest,
-            len(manifest.body),
-            None if head else manifest.body,
-            CacheResult.MISS,
+            resolution.media_type, digest, len(manifest.body), manifest.body, result
         )
+
+    async def _single_flight(
+        self, key: str, work: Callable[[], Awaitable[tuple[Resolution, str]]]
+    ) -> tuple[Resolution, str]:
+        pending = self._resolving.get(key)
+        if pending is not None:
+            resolution, result = await asyncio.shield(pending)
+            return resolution, CacheResult.COALESCED if result == CacheResult.MISS else result
+        future: asyncio.Future[tuple[Resolution, str]] = asyncio.ensure_future(work())
+        self._resolving[key] = future
+        future.add_done_callback(lambda _: self._resolving.pop(key, None))
+        return await asyncio.shield(future)
 
 
 def _answer(body: bytes, digest: Digest, head: bool, cache: str) -> ManifestAnswer:

@@ -8,39 +8,46 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy import state
-from proxy.oci import ApiPath, ErrorCode, RegistryError, parse_api_path
+from proxy.oci import ApiPath, Digest, ErrorCode, RegistryError, parse_api_path
+from proxy.routing import is_registry_host
+from proxy.upstream import Upstream
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 async def registry_api(request: web.Request) -> web.StreamResponse:
     """Every `/v2/...` request: one parser picks the endpoint; bad names never reach a route."""
-    tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
+    raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
+    if raw_tail == "":
+        if request.method not in READ_METHODS:
+            raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
+        return web.json_response({}, headers={"X-Cache": "HIT"})
+    upstream, tail = request.app[state.UPSTREAMS].route(raw_tail, request.query.get("ns"))
     api = parse_api_path(tail)
     if api.endpoint == "unsupported" or request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
-    if api.endpoint == "ping":
-        return web.json_response({}, headers={"X-Cache": "HIT"})
     if api.endpoint == "manifest":
-        return await _manifest(request, api)
+        return await _manifest(request, upstream, api)
     if api.endpoint == "blob":
-        return await _blob(request, api)
-    if api.endpoint == "tags" and request.method == "GET":
-        return await _tags(request, api)
+        return await _blob(request, upstream, api)
+    if request.method == "GET" and api.endpoint == "tags":
+        return await _tags(request, upstream, api)
+    if request.method == "GET" and api.endpoint == "referrers":
+        return await _referrers(request, upstream, api)
     raise RegistryError(ErrorCode.UNSUPPORTED, f"{request.method} is not supported here")
 
 
-async def _manifest(request: web.Request, api: ApiPath) -> web.StreamResponse:
+async def _manifest(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     assert api.repository is not None
-    assert api.reference is not None
-    upstream = request.app[state.UPSTREAM]
-    answer = await request.app[state.MANIFESTS].get(
-        upstream,
-        api.repository,
-        api.reference,
-        request.headers.getall("Accept", []),
-        head=request.method == "HEAD",
-    )
+    manifests = request.app[state.MANIFESTS]
+    head = request.method == "HEAD"
+    if isinstance(api.reference, Digest):
+        answer = await manifests.by_digest(upstream, api.repository, api.reference, head=head)
+    else:
+        assert api.reference is not None
+        accept = request.headers.getall("Accept", [])
+        answer = await manifests.by_tag(upstream, api.repository, api.reference, accept, head=head)
     etag = f'"{answer.digest}"'
     headers = {
         "Content-Type": answer.media_type,
@@ -48,6 +55,8 @@ async def _manifest(request: web.Request, api: ApiPath) -> web.StreamResponse:
         "ETag": etag,
         "X-Cache": answer.cache,
     }
+    if answer.cache == "STALE":
+        headers["Warning"] = '110 registry-proxy "Response is Stale"'
     if etag in request.headers.getall("If-None-Match", []):
         return web.Response(status=304, headers=headers)
     if answer.body is None:
@@ -57,25 +66,36 @@ async def _manifest(request: web.Request, api: ApiPath) -> web.StreamResponse:
     return web.Response(body=answer.body, headers=headers)
 
 
-async def _blob(request: web.Request, api: ApiPath) -> web.StreamResponse:
+async def _blob(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     assert api.repository is not None
-    return await request.app[state.BLOBS].serve(
-        request, request.app[state.UPSTREAM], api.repository, api.digest
-    )
+    return await request.app[state.BLOBS].serve(request, upstream, api.repository, api.digest)
 
 
-async def _tags(request: web.Request, api: ApiPath) -> web.StreamResponse:
+async def _tags(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     assert api.repository is not None
     # Only the spec's pagination parameters go upstream, re-encoded by us.
     query = {k: v for k, v in request.query.items() if k in ("n", "last")}
     if not query.get("n", "0").isdigit():
         raise RegistryError(ErrorCode.UNSUPPORTED, "n must be a number", status=400)
-    query_string = urlencode(sorted(query.items()))
-    body, link = await request.app[state.UPSTREAM].get_tags(api.repository, query_string)
+    body, link = await upstream.get_tags(api.repository, urlencode(sorted(query.items())))
     headers = {"Content-Type": "application/json"}
     if link is not None:
         headers["Link"] = link
     return web.Response(body=body, headers=headers)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+async def _referrers(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
+    assert api.repository is not None
+    query = {k: v for k, v in request.query.items() if k == "artifactType"}
+    body, content_type = await upstream.get_referrers(
+        api.repository, api.digest, urlencode(sorted(query.items()))
+    )
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def add_protocol_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+    # OCI distribution spec: a mirror that uses `ns` says so by echoing it.
+    ns = request.query.get("ns")
+    if ns is not None and is_registry_host(ns):
+        response.headers["OCI-Namespace"] = ns

@@ -8,10 +8,12 @@ from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
-from proxy.upstream import Upstream
+from proxy.routing import Upstreams
+from proxy.tags import TagCache
 
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM = web.AppKey("upstream", Upstream)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
 STORE = web.AppKey("store", BlobStore)
+TAGS = web.AppKey("tags", TagCache)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)

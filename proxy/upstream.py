@@ -29,7 +29,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
-from proxy.oci import Digest, ErrorCode, Reference, RegistryError, Repository
+from proxy.oci import Digest, ErrorCode, MediaType, Reference, RegistryError, Repository
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,31 @@ class Challenge:
         return cls(scheme.lower(), params)
 
 
+class CircuitBreaker:
+    """Stops sending to an upstream that keeps failing, so 300 clients do not each wait out
+    a connect timeout. After `cooldown` one request may try again (half-open); its failure
+    reopens the circuit at once, its success closes it.
+    """
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold and time.monotonic() < self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown
+
+
 @dataclass(slots=True)
 class _Token:
     value: str
@@ -150,9 +175,11 @@ class Upstream:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
+        self.breaker = breaker or CircuitBreaker(5, 10.0)
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, connect=connect_timeout,
             sock_read=read_timeout,
@@ -163,7 +190,15 @@ class Upstream:
         self._token_fetches: dict[str, asyncio.Future[str]] = {}
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
+        self._session_or_new()
+
+    def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self._new_session()
+        return self._session
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             timeout=self._timeout,
             auto_decompress=False,  # blobs must arrive byte-exact, whatever the encoding
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -228,6 +263,21 @@ class Upstream:
             response.release()
             raise
         return BlobStream(self.name, response, offset)
+
+    async def get_referrers(
+        self, repository: Repository, digest: Digest, query: str
+    ) -> tuple[bytes, str]:
+        """The referrers index (OCI 1.1) as the upstream sent it, and its content type."""
+        path = f"{self.remote_name(repository)}/referrers/{digest}" + (f"?{query}" if query else "")
+        response = await self._send("GET", path, repository, {})
+        try:
+            self._raise_for_status(response, ErrorCode.MANIFEST_UNKNOWN)
+            body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self.name, f"referrers transfer broke: {exc}") from exc
+        finally:
+            response.release()
+        return body, response.headers.get("Content-Type", MediaType.OCI_INDEX)
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int:
         path = f"{self.remote_name(repository)}/blobs/{digest}"
@@ -300,13 +350,23 @@ class Upstream:
     async def _request(
         self, method: str, url: URL, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        assert self._session is not None, "Upstream.start() was not called"
+        if self.breaker.is_open:
+            raise UpstreamUnavailable(self.name, "failing repeatedly; retrying shortly")
         try:
-            return await self._session.request(method, url, headers=headers, allow_redirects=False)
+            response = await self._session_or_new().request(
+                method, url, headers=headers, allow_redirects=False
+            )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            self.breaker.failure()
             raise UpstreamTimeout(self.name) from exc
         except aiohttp.ClientError as exc:
+            self.breaker.failure()
             raise UpstreamUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+        if response.status >= 500:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        return response
 
     async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
         challenge = self._challenge
@@ -329,7 +389,6 @@ class Upstream:
         return f"Bearer {await asyncio.shield(pending)}"
 
     async def _fetch_token(self, challenge: Challenge, scope: str | None) -> str:
-        assert self._session is not None
         query = {"service": challenge.params.get("service", "")}
         if scope:
             query["scope"] = scope
@@ -338,7 +397,7 @@ class Upstream:
         if (basic := self._basic_auth()) is not None:
             headers["Authorization"] = basic
         try:
-            async with self._session.get(realm, headers=headers) as response:
+            async with self._session_or_new().get(realm, headers=headers) as response:
                 if response.status in (401, 403):
                     raise UpstreamRefused(
                         ErrorCode.UNAUTHORIZED, f"upstream {self.name} refused the credentials"
