@@ -67,6 +67,7 @@ AuthMode = Literal["bearer", "basic"]
 _MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)$")
 _BLOB_PATH = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)$")
 _TAGS_PATH = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
+_REFERRERS_PATH = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<digest>[a-z0-9]+:[a-f0-9]+)$")
 _CDN_PATH = re.compile(r"^/cdn/(?P<digest>[^/]+)$")
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$|^sha512:[a-f0-9]{128}$")
 _RANGE = re.compile(r"^bytes=(?P<first>\d*)-(?P<last>\d*)$")
@@ -244,6 +245,8 @@ class FakeRegistry:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, dict[str, _Manifest]] = {}
         self.tags: dict[str, dict[str, str]] = {}
+        # digest -> the referrers index body (OCI 1.1) served for it.
+        self.referrers: dict[str, bytes] = {}
 
         # Observation.
         self.requests: list[RecordedRequest] = []
@@ -480,6 +483,8 @@ class FakeRegistry:
             return await self._blob(request, match["name"], match["digest"])
         if (match := _TAGS_PATH.match(path)) and request.method == "GET":
             return self._tags_list(request, match["name"])
+        if (match := _REFERRERS_PATH.match(path)) and match["digest"] in self.referrers:
+            return web.Response(body=self.referrers[match["digest"]], content_type=OCI_INDEX)
         return _error(404, "NOT_FOUND", "unknown route")
 
     def _take_fault(self, request: web.Request) -> _Fault | None:
