@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import routes, state
+from proxy import observability, routes, state
 from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
+from proxy.metrics import LoopLagMonitor, Metrics
 from proxy.oci import ErrorCode, RegistryError
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
@@ -53,10 +55,12 @@ def create_app(
     upstreams: Upstreams | None = None,
     store: BlobStore | None = None,
     tags: TagCache | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The mirror; tests inject their own upstreams, store or tag cache."""
-    app = web.Application(middlewares=[render_errors])
-    upstreams = upstreams or Upstreams(settings)
+    """The mirror; tests inject their own upstreams, store, tag cache or metrics registry."""
+    app = web.Application(middlewares=[observability.observe, render_errors])
+    metrics = metrics or Metrics()
+    upstreams = upstreams or Upstreams(settings, metrics=metrics)
     store = store or BlobStore(
         settings.cache_dir, settings.cache_max_size, download_timeout=settings.download_timeout
     )
@@ -65,18 +69,54 @@ def create_app(
     app[state.UPSTREAMS] = upstreams
     app[state.STORE] = store
     app[state.TAGS] = tags
-    app[state.BLOBS] = BlobService(store)
+    app[state.METRICS] = metrics
+    app[state.LOOP_LAG] = LoopLagMonitor(metrics)
+    app[state.BLOBS] = BlobService(store, metrics)
+    metrics.watch_store(store)
     app[state.MANIFESTS] = ManifestService(store, tags, settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        yield
+        async with app[state.LOOP_LAG].running(), _metrics_listener(app):
+            yield
         await store.close()
         await upstreams.close()
         await tags.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(routes.add_protocol_headers)
+    # With a separate metrics address, /metrics is served there only.
+    _add_operator_routes(app, metrics=settings.metrics_listen is None)
     app.router.add_route("*", "/v2", routes.registry_api)
     app.router.add_route("*", "/v2/{tail:.*}", routes.registry_api)
     return app
+
+
+def _add_operator_routes(app: web.Application, *, metrics: bool = True) -> None:
+    app.router.add_get("/healthz", observability.healthz)
+    app.router.add_get("/readyz", observability.readyz)
+    if metrics:
+        app.router.add_get("/metrics", observability.metrics_endpoint)
+
+
+@contextlib.asynccontextmanager
+async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """With `metrics_listen`, a second small app serves /metrics, /healthz and /readyz."""
+    address = app[state.SETTINGS].metrics_listen
+    if address is None:
+        yield
+        return
+    operator = web.Application()
+    operator[state.SETTINGS] = app[state.SETTINGS]
+    operator[state.METRICS] = app[state.METRICS]
+    operator[state.STORE] = app[state.STORE]
+    operator[state.UPSTREAMS] = app[state.UPSTREAMS]
+    operator[state.LOOP_LAG] = app[state.LOOP_LAG]
+    _add_operator_routes(operator)
+    runner = web.AppRunner(operator, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, address[0], address[1]).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()

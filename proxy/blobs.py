@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from proxy.blobstore import BlobSource, BlobStore, CacheResult, Download, Opener, State
+from proxy.metrics import Metrics
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
+from proxy.request_keys import BYTES_SENT
 from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,48 @@ class Body:
         return cls(byte_range.start, byte_range.end)
 
 
+class Transfer:
+    """One response body on its way out: sends bytes and accounts for them once."""
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, cache: str, metrics: Metrics
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.cache = cache
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.first_byte_sent = False
+        source = "cache" if cache == CacheResult.HIT else "upstream"
+        self.served = metrics.served_bytes.labels(source)
+        request[BYTES_SENT] = 0
+
+    def _sent(self, count: int) -> None:
+        if not self.first_byte_sent and count:
+            self.first_byte_sent = True
+            self.metrics.blob_first_byte.labels(self.cache.lower()).observe(
+                time.monotonic() - self.started
+            )
+        self.request[BYTES_SENT] += count
+        self.served.inc(count)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        transport = self.request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
+            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+        self._sent(count)
+
+    async def write(self, chunk: bytes) -> None:
+        await self.response.write(chunk)
+        self._sent(len(chunk))
+
+
 class BlobService:
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, metrics: Metrics) -> None:
         self.store = store
+        self.metrics = metrics
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
@@ -72,7 +114,7 @@ class BlobService:
     ) -> web.StreamResponse:
         # A HEAD does not start a download: a client checking for a blob may never fetch it.
         size = await upstream.head_blob(repository, digest)
-        response = _response(request, digest, size, None, CacheResult.MISS)
+        response = _response(digest, size, None, CacheResult.MISS)
         await response.prepare(request)
         return response
 
@@ -80,19 +122,18 @@ class BlobService:
         self, request: web.Request, digest: Digest, fd: int, size: int, result: str
     ) -> web.StreamResponse:
         etag = f'"{digest}"'
-        if etag in request.headers.getall("If-None-Match", []) or (
-            request.headers.get("If-None-Match", "").strip() == "*"
-        ):
-            response = web.StreamResponse(status=304, headers={"ETag": etag, "X-Cache": result})
-            return response
+        if_none_match = request.headers.getall("If-None-Match", [])
+        if etag in if_none_match or "*" in if_none_match:
+            return web.StreamResponse(status=304, headers={"ETag": etag, "X-Cache": result})
         byte_range = parse_range(request.headers.get("Range"), size)
-        response = _response(request, digest, size, byte_range, result)
+        response = _response(digest, size, byte_range, result)
         await response.prepare(request)
         if request.method == "HEAD":
             return response
         body = Body.for_range(byte_range, size)
         if body.end >= body.start:
-            await _sendfile(request, fd, body.start, body.end - body.start + 1)
+            transfer = Transfer(request, response, result, self.metrics)
+            await transfer.send_file(fd, body.start, body.end - body.start + 1)
         await response.write_eof()
         return response
 
@@ -105,18 +146,19 @@ class BlobService:
             return await self._pass_through(request, download.digest, opener)
         byte_range = parse_range(request.headers.get("Range"), size)
         body = Body.for_range(byte_range, size)
-        response = _response(request, download.digest, size, byte_range, result)
+        response = _response(download.digest, size, byte_range, result)
         await response.prepare(request)
+        transfer = Transfer(request, response, result, self.metrics)
         position = body.start
         try:
             async for fd, offset, count in download.read(body.start, body.end):
-                await _sendfile(request, fd, offset, count)
+                await transfer.send_file(fd, offset, count)
                 position = offset + count
             if position <= body.end:
                 # The cache write failed under us: carry on from upstream where the file stops,
                 # verifying the whole blob when this response covers all of it.
                 hasher = download.hasher.copy() if body.start == 0 else None
-                await _relay(request, response, opener, download.digest, position, body, hasher)
+                await _relay(transfer, opener, download.digest, position, body, hasher)
         except Exception as exc:
             _abort(request, download.digest, exc)
             return response
@@ -132,11 +174,12 @@ class BlobService:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream did not say the blob's size")
         byte_range = parse_range(request.headers.get("Range"), stream.size)
         body = Body.for_range(byte_range, stream.size)
-        response = _response(request, digest, stream.size, byte_range, CacheResult.MISS)
+        response = _response(digest, stream.size, byte_range, CacheResult.MISS)
         await response.prepare(request)
+        transfer = Transfer(request, response, CacheResult.MISS, self.metrics)
         hasher = digest.hasher() if body.start == 0 else None
         try:
-            await _relay(request, response, opener, digest, body.start, body, hasher)
+            await _relay(transfer, opener, digest, body.start, body, hasher)
         except Exception as exc:
             _abort(request, digest, exc)
             return response
@@ -145,13 +188,7 @@ class BlobService:
 
 
 async def _relay(
-    request: web.Request,
-    response: web.StreamResponse,
-    opener: Opener,
-    digest: Digest,
-    position: int,
-    body: Body,
-    hasher: Any,
+    transfer: Transfer, opener: Opener, digest: Digest, position: int, body: Body, hasher: Any
 ) -> None:
     """Copy bytes `position`..`body.end` from upstream to the client.
 
@@ -171,7 +208,7 @@ async def _relay(
             last = position + len(chunk) > body.end
             if hasher is not None and last and hasher.hexdigest() != digest.encoded:
                 raise RegistryError(ErrorCode.DIGEST_INVALID, "upstream digest mismatch")
-            await response.write(chunk)
+            await transfer.write(chunk)
             position += len(chunk)
             if position > body.end:
                 return
@@ -181,7 +218,7 @@ async def _relay(
 
 
 def _response(
-    request: web.Request, digest: Digest, size: int, byte_range: ByteRange | None, result: str
+    digest: Digest, size: int, byte_range: ByteRange | None, result: str
 ) -> web.StreamResponse:
     headers = {
         "Content-Type": OCTET_STREAM,
@@ -198,14 +235,6 @@ def _response(
         response = web.StreamResponse(status=206, headers=headers)
         response.content_length = byte_range.length
     return response
-
-
-async def _sendfile(request: web.Request, fd: int, offset: int, count: int) -> None:
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
 
 
 def _abort(request: web.Request, digest: Digest, exc: BaseException) -> None:

@@ -452,6 +452,10 @@ class BlobStore:
         task.add_done_callback(self._tasks.discard)
         return download, True
 
+    @property
+    def downloads_in_flight(self) -> int:
+        return len(self._downloads)
+
     def in_flight(self, digest: Digest) -> Download | None:
         return self._downloads.get(digest)
 

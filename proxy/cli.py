@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from proxy.observability import configure_logging
 
 PROG = "registry-proxy"
 
@@ -31,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
             "these flags; flags win."
         ),
     )
-    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"TOML settings file (or set {ENV_PREFIX}CONFIG)",
+    )
     serve.add_argument(
         "--listen", metavar="HOST:PORT", help="address to serve on (default 0.0.0.0:5000)"
     )
@@ -62,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning, error or critical (default info)",
     )
     serve.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        help="json (one object per line, the default) or text",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz and /readyz on this address only (default: on --listen)",
+    )
+    serve.add_argument(
         "--connect-timeout", metavar="SECONDS", help="upstream connect timeout (default 5)"
     )
     serve.add_argument(
@@ -84,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in vars(args).items()
         if key not in ("command", "config") and value is not None
     }
+    config = args.config
+    if config is None and (from_env := os.environ.get(f"{ENV_PREFIX}CONFIG")):
+        config = Path(from_env)  # containers point at a mounted file without extra arguments
     try:
-        settings = load_settings(args.config, flags=flags)
+        settings = load_settings(config, flags=flags)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -93,17 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    upstream = settings.default_upstream
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger(PROG).info(
-        "serving on %s:%d, mirroring %s (%s), cache %s up to %d bytes",
-        settings.listen_host, settings.listen_port, upstream.name, upstream.url,
-        settings.cache_dir, settings.cache_max_size,
-    )  # fmt: skip
+        "serving on %s:%d, mirroring %s, cache %s up to %d bytes",
+        settings.listen_host,
+        settings.listen_port,
+        ", ".join(f"{u.name} ({u.url})" for u in settings.upstreams),
+        settings.cache_dir,
+        settings.cache_max_size,
+    )
     try:
         web.run_app(
             create_app(settings),

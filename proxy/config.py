@@ -114,6 +114,10 @@ class Settings:
     redis_url: str | None = None
     # Serve `?ns=<host>` for registries that are not configured, at https://<host>.
     allow_any_registry: bool = False
+    # /metrics, /healthz and /readyz on their own address; None serves them on `listen` too.
+    metrics_listen: tuple[str, int] | None = None
+    log_format: str = "json"
+    ready_requires_upstream: bool = False
 
     def tag_ttl_for(self, upstream: UpstreamSettings, tag: str) -> float:
         for rule in (*upstream.tag_ttls, *self.tag_ttls):
@@ -245,6 +249,12 @@ def _tag_ttls(where: str, value: Any) -> tuple[TagTtl, ...]:
     return tuple(rules)
 
 
+def _log_format(text: str) -> str:
+    if text.lower() not in ("json", "text"):
+        raise ValueError("must be json or text")
+    return text.lower()
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
@@ -280,6 +290,9 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "breaker_cooldown": _positive_duration,
     "redis_url": _redis_url,
     "allow_any_registry": _boolean,
+    "metrics_listen": parse_listen,
+    "log_format": _log_format,
+    "ready_requires_upstream": _boolean,
 }
 _UPSTREAM_KEYS: Final = frozenset(
     {"name", "url", "username", "password", "password_file", "tag_ttl", "tag_ttls"}

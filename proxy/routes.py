@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy import state
+from proxy import request_keys, state
 from proxy.oci import ApiPath, Digest, ErrorCode, RegistryError, parse_api_path
 from proxy.routing import is_registry_host
 from proxy.upstream import Upstream
@@ -20,11 +20,14 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     """Every `/v2/...` request: one parser picks the endpoint; bad names never reach a route."""
     raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
     if raw_tail == "":
+        request[request_keys.ROUTE] = "ping"
         if request.method not in READ_METHODS:
             raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
-        return web.json_response({}, headers={"X-Cache": "HIT"})
+        return web.json_response({})
     upstream, tail = request.app[state.UPSTREAMS].route(raw_tail, request.query.get("ns"))
+    request[request_keys.UPSTREAM] = upstream.name
     api = parse_api_path(tail)
+    request[request_keys.ROUTE] = api.endpoint
     if api.endpoint == "unsupported" or request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
     if api.endpoint == "manifest":
@@ -42,6 +45,7 @@ async def _manifest(request: web.Request, upstream: Upstream, api: ApiPath) -> w
     assert api.repository is not None
     manifests = request.app[state.MANIFESTS]
     head = request.method == "HEAD"
+    request[request_keys.CACHE_KIND] = "manifest" if isinstance(api.reference, Digest) else "tag"
     if isinstance(api.reference, Digest):
         answer = await manifests.by_digest(upstream, api.repository, api.reference, head=head)
     else:
@@ -68,6 +72,7 @@ async def _manifest(request: web.Request, upstream: Upstream, api: ApiPath) -> w
 
 async def _blob(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     assert api.repository is not None
+    request[request_keys.CACHE_KIND] = "blob"
     return await request.app[state.BLOBS].serve(request, upstream, api.repository, api.digest)
 
 

@@ -15,6 +15,7 @@ from typing import Final
 from yarl import URL
 
 from proxy.config import Settings, UpstreamSettings
+from proxy.metrics import Metrics
 from proxy.oci import ErrorCode, RegistryError
 from proxy.upstream import CircuitBreaker, Upstream
 
@@ -32,8 +33,14 @@ def is_registry_host(text: str) -> bool:
 
 
 class Upstreams:
-    def __init__(self, settings: Settings, upstreams: list[Upstream] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        upstreams: list[Upstream] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         configured = upstreams or [self._make(u) for u in settings.upstreams]
         self._by_name = {upstream.name: upstream for upstream in configured}
         self.default = configured[0]
@@ -45,6 +52,7 @@ class Upstreams:
             connect_timeout=self.settings.connect_timeout,
             read_timeout=self.settings.read_timeout,
             breaker=CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown),
+            metrics=self.metrics,
         )
 
     def __iter__(self) -> Iterator[Upstream]:

@@ -8,6 +8,7 @@ from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
+from proxy.metrics import LoopLagMonitor, Metrics
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 
@@ -17,3 +18,5 @@ STORE = web.AppKey("store", BlobStore)
 TAGS = web.AppKey("tags", TagCache)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
+METRICS = web.AppKey("metrics", Metrics)
+LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)

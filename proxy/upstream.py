@@ -29,6 +29,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
+from proxy.metrics import Metrics
 from proxy.oci import Digest, ErrorCode, MediaType, Reference, RegistryError, Repository
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,24 @@ class ManifestHead:
 class BlobStream:
     """An open upstream blob body; `size` is the whole blob's size when the upstream said it."""
 
-    def __init__(self, upstream: str, response: aiohttp.ClientResponse, offset: int) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        response: aiohttp.ClientResponse,
+        offset: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._upstream = upstream
         self._response = response
+        self._fetched = metrics.upstream_bytes.labels(upstream) if metrics else None
         self.offset = offset
         self.size = _total_size(response, offset)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                if self._fetched is not None:
+                    self._fetched.inc(len(chunk))
                 yield chunk
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(self._upstream, "timed out sending a blob") from exc
@@ -176,8 +186,10 @@ class Upstream:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         breaker: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.name = settings.name
         self.breaker = breaker or CircuitBreaker(5, 10.0)
         self._timeout = aiohttp.ClientTimeout(
@@ -262,7 +274,7 @@ class Upstream:
         except RegistryError:
             response.release()
             raise
-        return BlobStream(self.name, response, offset)
+        return BlobStream(self.name, response, offset, self.metrics)
 
     async def get_referrers(
         self, repository: Repository, digest: Digest, query: str
@@ -350,23 +362,36 @@ class Upstream:
     async def _request(
         self, method: str, url: URL, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
+        kind = _kind(url)
         if self.breaker.is_open:
+            self._count_error(kind, "circuit_open")
             raise UpstreamUnavailable(self.name, "failing repeatedly; retrying shortly")
+        started = time.monotonic()
         try:
             response = await self._session_or_new().request(
                 method, url, headers=headers, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             self.breaker.failure()
+            self._count_error(kind, "timeout")
             raise UpstreamTimeout(self.name) from exc
         except aiohttp.ClientError as exc:
             self.breaker.failure()
+            self._count_error(kind, "unreachable")
             raise UpstreamUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+        if self.metrics is not None:
+            self.metrics.upstream_duration.labels(self.name, kind).observe(
+                time.monotonic() - started
+            )
         if response.status >= 500:
             self.breaker.failure()
         else:
             self.breaker.success()
         return response
+
+    def _count_error(self, kind: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_errors.labels(self.name, kind, reason).inc()
 
     async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
         challenge = self._challenge
@@ -396,8 +421,15 @@ class Upstream:
         headers = {}
         if (basic := self._basic_auth()) is not None:
             headers["Authorization"] = basic
+        started = time.monotonic()
         try:
             async with self._session_or_new().get(realm, headers=headers) as response:
+                if self.metrics is not None:
+                    self.metrics.upstream_duration.labels(self.name, "token").observe(
+                        time.monotonic() - started
+                    )
+                if response.status >= 400:
+                    self._count_error("token", f"status_{response.status // 100}xx")
                 if response.status in (401, 403):
                     raise UpstreamRefused(
                         ErrorCode.UNAUTHORIZED, f"upstream {self.name} refused the credentials"
@@ -408,8 +440,10 @@ class Upstream:
                     )
                 document = await response.json(content_type=None)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            self._count_error("token", "timeout")
             raise UpstreamTimeout(self.name, "token endpoint timed out") from exc
         except (aiohttp.ClientError, ValueError) as exc:
+            self._count_error("token", "unreachable")
             raise UpstreamUnavailable(self.name, f"token endpoint failed: {exc}") from exc
         value = document.get("token") or document.get("access_token")
         if not isinstance(value, str) or not value:
@@ -432,6 +466,8 @@ class Upstream:
         status = response.status
         if status < 300:
             return
+        if status >= 500 or status in (401, 403, 429):
+            self._count_error(_kind(response.url), f"status_{status if status < 500 else '5xx'}")
         if status == HTTPStatus.TOO_MANY_REQUESTS:
             raise UpstreamRateLimited(self.name, response.headers.get("Retry-After"))
         if status == HTTPStatus.NOT_FOUND:
@@ -445,6 +481,17 @@ class Upstream:
         if status >= 500:
             raise UpstreamUnavailable(self.name, f"answered {status}")
         raise UpstreamUnavailable(self.name, f"answered unexpected status {status}")
+
+
+def _kind(url: URL) -> str:
+    """The kind of an upstream request for metrics: a fixed set, never a path."""
+    for part, kind in (
+        ("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags"),
+        ("/referrers/", "referrers"),
+    ):  # fmt: skip
+        if part in url.path:
+            return kind
+    return "ping" if url.path.rstrip("/") == "/v2" else "redirect"
 
 
 def _with_auth(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:

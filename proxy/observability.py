@@ -1,0 +1,167 @@
+"""What an operator sees: request metrics, the access log, health and readiness, `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import state
+from proxy.request_keys import BYTES_SENT, CACHE_KIND, ROUTE, UPSTREAM
+
+access_log = logging.getLogger("registry_proxy.access")
+
+# The event loop counts as stuck (not ready) when a 1 s timer fires this late.
+MAX_LOOP_LAG: Final = 2.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every request, count it, and write one access log line, errors included."""
+    started = time.monotonic()
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        duration = time.monotonic() - started
+        status = response.status if response is not None else 499
+        cache = _cache_result(response, status)
+        route = request.get(ROUTE, "other")
+        metrics = request.app[state.METRICS]
+        metrics.request_duration.labels(route, request.method, f"{status // 100}xx", cache).observe(
+            duration
+        )
+        if CACHE_KIND in request and cache in ("hit", "miss", "coalesced", "stale"):
+            metrics.cache_requests.labels(request[CACHE_KIND], cache).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %s",
+                request.method,
+                request.path_qs,
+                status,
+                extra={
+                    "access": {
+                        "remote": request.remote,
+                        "method": request.method,
+                        "path": request.path_qs,
+                        "route": route,
+                        "status": status,
+                        "bytes": _bytes_sent(request, response),
+                        "duration_ms": round(duration * 1000, 3),
+                        "cache": cache,
+                        "upstream": request.get(UPSTREAM, None),
+                        "user_agent": request.headers.get("User-Agent"),
+                    }
+                },
+            )
+
+
+def _cache_result(response: web.StreamResponse | None, status: int) -> str:
+    if response is None or status >= 400:
+        return "error"
+    header = response.headers.get("X-Cache")
+    return header.lower() if header else "pass"
+
+
+def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> int:
+    if BYTES_SENT in request:
+        return request[BYTES_SENT]
+    if isinstance(response, web.Response) and response.body is not None:
+        return len(response.body) if isinstance(response.body, bytes | bytearray) else 0
+    return 0
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[state.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Restarting it would not help anything else."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the cache dir takes writes and the event loop is not stuck; with
+    `ready_requires_upstream` (or `?upstream=1`) the upstreams must answer too."""
+    app = request.app
+    checks: dict[str, str] = {}
+    checks["cache"] = await asyncio.to_thread(_cache_writable, app[state.STORE].temp_dir)
+    lag = app[state.LOOP_LAG].lag
+    checks["event_loop"] = "ok" if lag < MAX_LOOP_LAG else f"lagging {lag:.1f}s"
+    if app[state.SETTINGS].ready_requires_upstream or request.query.get("upstream") == "1":
+        for upstream in app[state.UPSTREAMS]:
+            checks[f"upstream {upstream.name}"] = await _upstream_reachable(upstream.settings.url)
+    ready = all(value == "ok" for value in checks.values())
+    app[state.METRICS].ready.set(1 if ready else 0)
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+def _cache_writable(temp_dir: Any) -> str:
+    probe = os.path.join(temp_dir, f".ready-{os.getpid()}")
+    try:
+        with open(probe, "wb") as file:
+            file.write(b"ok")
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable: {exc.strerror}"
+    return "ok"
+
+
+async def _upstream_reachable(url: Any) -> str:
+    timeout = aiohttp.ClientTimeout(total=2)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url / "v2" / "") as response,
+        ):
+            # 401 is a healthy registry asking for a token.
+            return "ok" if response.status in (200, 401) else f"answered {response.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access log lines carry their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

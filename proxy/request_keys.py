@@ -1,0 +1,12 @@
+"""What handlers note on a request for the access log and metrics (aiohttp `RequestKey`s)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers
+CACHE_KIND: Final = web.RequestKey("cache_kind", str)  # blob | manifest | tag
+UPSTREAM: Final = web.RequestKey("upstream", str)
+BYTES_SENT: Final = web.RequestKey("bytes_sent", int)  # sendfile bypasses aiohttp's own count
