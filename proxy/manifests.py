@@ -35,7 +35,7 @@ from proxy.oci import (
     accepts,
     manifest_media_type,
 )
-from proxy.tags import Resolution, TagCache, resolution_key
+from proxy.tags import Resolution, TagCache, accept_id
 from proxy.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamTimeout
 
 # What we ask the upstream for when the client names nothing: every manifest type we know.
@@ -78,10 +78,10 @@ class ManifestService:
         head: bool,
     ) -> ManifestAnswer:
         accepted = accepted_media_types(accept_lines)
-        key = resolution_key(upstream.name, repository.name, tag.name, accepted)
-        if await self.tags.is_missing(key):
+        names = (upstream.name, repository.name, tag.name)
+        if await self.tags.is_missing(*names):
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"manifest unknown upstream ({tag})")
-        known = await self.tags.get(key)
+        known = await self.tags.get(*names, accepted)
         ttl = self.settings.tag_ttl_for(upstream.settings, tag.name)
         if known is not None and time.time() - known.checked < ttl:
             answer = await self._from_resolution(upstream, repository, known, head, CacheResult.HIT)
@@ -89,8 +89,9 @@ class ManifestService:
                 return answer
 
         async def resolve() -> tuple[Resolution, str]:
-            return await self._resolve(upstream, repository, tag, accepted, key, known, head)
+            return await self._resolve(upstream, repository, tag, accepted, known, head)
 
+        key = f"{upstream.name}/{repository.name}:{tag.name}#{accept_id(accepted)}"
         resolution, result = await self._single_flight(key, resolve)
         answer = await self._from_resolution(upstream, repository, resolution, head, result)
         if answer is None:
@@ -106,11 +107,11 @@ class ManifestService:
         repository: Repository,
         tag: Tag,
         accepted: frozenset[str],
-        key: str,
         known: Resolution | None,
         head: bool,
     ) -> tuple[Resolution, str]:
         wanted = sorted(accepted) if accepted else ALL_MANIFEST_TYPES
+        names = (upstream.name, repository.name, tag.name)
         # A HEAD revalidates without counting as a pull; a first GET goes straight for the bytes.
         cheap_first = known is not None or head
         try:
@@ -125,19 +126,19 @@ class ManifestService:
                         resolution = Resolution(
                             known.digest, known.media_type, known.size, time.time()
                         )
-                        await self.tags.put(key, resolution)
+                        await self.tags.put(*names, accepted, resolution)
                         return resolution, CacheResult.HIT
                     if found.digest in self.store:
                         resolution = Resolution(
                             str(found.digest), found.media_type, found.size, time.time()
                         )
-                        await self.tags.put(key, resolution)
+                        await self.tags.put(*names, accepted, resolution)
                         return resolution, CacheResult.MISS
                 manifest = await upstream.get_manifest(repository, tag, wanted)
         except UpstreamRefused as refused:
             if refused.code is ErrorCode.MANIFEST_UNKNOWN:
-                await self.tags.put_missing(key)
-                await self.tags.forget(key)
+                await self.tags.put_missing(*names)
+                await self.tags.forget(*names)
             raise
         except (UpstreamError, TimeoutError) as failure:
             if known is not None:
@@ -153,7 +154,7 @@ class ManifestService:
             )
         self.store.put_small(manifest.digest, manifest.body)
         resolution = Resolution(str(manifest.digest), media_type, len(manifest.body), time.time())
-        await self.tags.put(key, resolution)
+        await self.tags.put(*names, accepted, resolution)
         return resolution, CacheResult.MISS
 
     async def _from_resolution(

@@ -5,15 +5,22 @@ minutes): freshness decides when to revalidate, the long lifetime is what lets t
 answer while the upstream is down. With Redis as the backend every replica sees the same
 resolutions, so the upstream sees one revalidation per TTL, not one per replica.
 
-Keys include the upstream, the repository, the tag and the client's Accept set, because the
-same tag means an index to one client and a single-platform manifest to another.
+Entries in the backend::
+
+    tag:<upstream>/<repository>:<tag>      {accept-set id: resolution}   one per client Accept set
+    repo:<upstream>/<repository>           [tag, ...]                    the tags ever resolved
+    missing:<upstream>/<repository>:<tag>  1                             an upstream 404, briefly
+
+The same tag means an index to a client that accepts indexes and a single-platform manifest to
+one that does not, hence one resolution per Accept set, all under one entry so that
+invalidating the tag reaches every variant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from aiocache import Cache
@@ -32,10 +39,10 @@ class Resolution:
     checked: float  # wall-clock time of the last upstream confirmation, shared across replicas
 
 
-def resolution_key(upstream: str, repository: str, tag: str, accepted: frozenset[str]) -> str:
-    accept = ",".join(sorted(accepted)) if accepted else "*"
-    accept_id = hashlib.sha256(accept.encode()).hexdigest()[:16]
-    return f"{upstream}/{repository}:{tag}#{accept_id}"
+def accept_id(accepted: frozenset[str]) -> str:
+    """A short stable name for an Accept set; the order clients list types in does not matter."""
+    text = ",".join(sorted(accepted)) if accepted else "*"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class TagCache:
@@ -60,31 +67,84 @@ class TagCache:
             backend = Cache(Cache.MEMORY, serializer=JsonSerializer())
         return cls(backend, stale_ttl=settings.stale_ttl, negative_ttl=settings.negative_ttl)
 
-    async def get(self, key: str) -> Resolution | None:
-        value = await self._call("get", f"tag:{key}")
-        if not isinstance(value, dict):
-            return None
-        try:
-            return Resolution(**value)
-        except TypeError:
-            return None
+    async def get(
+        self, upstream: str, repository: str, tag: str, accepted: frozenset[str]
+    ) -> Resolution | None:
+        variants = await self._variants(upstream, repository, tag)
+        return variants.get(accept_id(accepted))
 
-    async def put(self, key: str, resolution: Resolution) -> None:
-        await self._call("set", f"tag:{key}", asdict(resolution), ttl=int(self.stale_ttl))
-        await self._call("delete", f"missing:{key}")
+    async def put(
+        self,
+        upstream: str,
+        repository: str,
+        tag: str,
+        accepted: frozenset[str],
+        resolution: Resolution,
+    ) -> None:
+        variants = await self._variants(upstream, repository, tag)
+        new_tag = not variants
+        variants[accept_id(accepted)] = resolution
+        await self._store(upstream, repository, tag, variants)
+        await self._call("delete", f"missing:{upstream}/{repository}:{tag}")
+        if new_tag:
+            tags = await self.tags(upstream, repository)
+            if tag not in tags:
+                await self._call(
+                    "set", f"repo:{upstream}/{repository}", [*tags, tag], ttl=int(self.stale_ttl)
+                )
 
-    async def forget(self, key: str) -> None:
-        await self._call("delete", f"tag:{key}")
+    async def tags(self, upstream: str, repository: str) -> list[str]:
+        """Tags of a repository that were ever resolved here (and not yet expired)."""
+        value = await self._call("get", f"repo:{upstream}/{repository}")
+        return [str(tag) for tag in value] if isinstance(value, list) else []
 
-    async def is_missing(self, key: str) -> bool:
-        return bool(await self._call("exists", f"missing:{key}"))
+    async def resolutions(self, upstream: str, repository: str, tag: str) -> list[Resolution]:
+        return list((await self._variants(upstream, repository, tag)).values())
 
-    async def put_missing(self, key: str) -> None:
+    async def invalidate(self, upstream: str, repository: str, tag: str | None = None) -> int:
+        """Make resolutions stale so the next pull revalidates; returns how many tags."""
+        tags = [tag] if tag is not None else await self.tags(upstream, repository)
+        count = 0
+        for name in tags:
+            variants = await self._variants(upstream, repository, name)
+            if variants:
+                stale = {key: replace(r, checked=0.0) for key, r in variants.items()}
+                await self._store(upstream, repository, name, stale)
+                count += 1
+        return count
+
+    async def forget(self, upstream: str, repository: str, tag: str) -> None:
+        await self._call("delete", f"tag:{upstream}/{repository}:{tag}")
+
+    async def is_missing(self, upstream: str, repository: str, tag: str) -> bool:
+        return bool(await self._call("exists", f"missing:{upstream}/{repository}:{tag}"))
+
+    async def put_missing(self, upstream: str, repository: str, tag: str) -> None:
         if self.negative_ttl > 0:
-            await self._call("set", f"missing:{key}", 1, ttl=max(int(self.negative_ttl), 1))
+            key = f"missing:{upstream}/{repository}:{tag}"
+            await self._call("set", key, 1, ttl=max(int(self.negative_ttl), 1))
 
     async def close(self) -> None:
         await self._call("close")
+
+    async def _variants(self, upstream: str, repository: str, tag: str) -> dict[str, Resolution]:
+        value = await self._call("get", f"tag:{upstream}/{repository}:{tag}")
+        if not isinstance(value, dict):
+            return {}
+        variants = {}
+        for key, fields in value.items():
+            try:
+                variants[str(key)] = Resolution(**fields)
+            except TypeError:
+                continue  # written by another version; it is only a cache
+        return variants
+
+    async def _store(
+        self, upstream: str, repository: str, tag: str, variants: dict[str, Resolution]
+    ) -> None:
+        value = {key: asdict(resolution) for key, resolution in variants.items()}
+        key = f"tag:{upstream}/{repository}:{tag}"
+        await self._call("set", key, value, ttl=int(self.stale_ttl))
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from typing import Any
 
@@ -22,8 +21,6 @@ from yarl import URL
 
 from proxy import state
 from proxy.config import UpstreamSettings
-from proxy.oci import accepted_media_types
-from proxy.tags import resolution_key
 
 Client = TestClient[web.Request, web.Application]
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}
@@ -41,13 +38,9 @@ def manifest_calls(upstream: FakeUpstreamServer, method: str | None = None) -> i
     return upstream.registry.count(method, path_contains="/manifests/")
 
 
-async def age_resolution(client: Client, repository: str, tag: str, accept: str) -> None:
-    """Make a cached resolution older than any TTL, as time passing would."""
-    tags = client.app[state.TAGS]
-    key = resolution_key("fake", repository, tag, accepted_media_types([accept]))
-    resolution = await tags.get(key)
-    assert resolution is not None
-    await tags.put(key, dataclasses.replace(resolution, checked=time.time() - 10 * 86400))
+async def age_resolution(client: Client, repository: str, tag: str) -> None:
+    """Make a cached resolution stale, as time passing (or an operator invalidating it) would."""
+    assert await client.app[state.TAGS].invalidate("fake", repository, tag) == 1
 
 
 async def test_within_the_ttl_no_upstream_request_is_made(
@@ -76,7 +69,7 @@ async def test_a_stale_tag_is_revalidated_by_one_head_and_refetched_only_when_it
     client = await mirror(**backend)
     await client.get("/v2/team/app/manifests/latest", headers=ACCEPT)
 
-    await age_resolution(client, "team/app", "latest", ACCEPT_ALL_MANIFESTS)
+    await age_resolution(client, "team/app", "latest")
     before_get, before_head = (
         manifest_calls(fake_upstream, "GET"),
         manifest_calls(fake_upstream, "HEAD"),
@@ -87,7 +80,7 @@ async def test_a_stale_tag_is_revalidated_by_one_head_and_refetched_only_when_it
     assert manifest_calls(fake_upstream, "GET") == before_get
 
     new = registry.add_image("team/app", "latest", [b"new layer"])  # the tag moves upstream
-    await age_resolution(client, "team/app", "latest", ACCEPT_ALL_MANIFESTS)
+    await age_resolution(client, "team/app", "latest")
     moved = await client.get("/v2/team/app/manifests/latest", headers=ACCEPT)
     assert await moved.read() == new.manifest_bytes
     assert moved.headers["Docker-Content-Digest"] == new.manifest_digest
@@ -101,7 +94,7 @@ async def test_a_herd_revalidating_one_stale_tag_makes_one_upstream_request(
     fake_upstream.registry.add_image("team/app", "latest", [b"layer"])
     client = await mirror()
     await client.get("/v2/team/app/manifests/latest", headers=ACCEPT)
-    await age_resolution(client, "team/app", "latest", ACCEPT_ALL_MANIFESTS)
+    await age_resolution(client, "team/app", "latest")
     calls = manifest_calls(fake_upstream)
     responses = await asyncio.gather(
         *(client.get("/v2/team/app/manifests/latest", headers=ACCEPT) for _ in range(30))
@@ -120,7 +113,7 @@ async def test_a_cached_tag_is_served_stale_while_the_upstream_fails(
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(revalidate_timeout=0.5, read_timeout=30.0, **backend)
     await client.get("/v2/team/app/manifests/1.0", headers=ACCEPT)
-    await age_resolution(client, "team/app", "1.0", ACCEPT_ALL_MANIFESTS)
+    await age_resolution(client, "team/app", "1.0")
 
     if failure == "refused":
         await fake_upstream.stop()
