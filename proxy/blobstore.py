@@ -278,6 +278,8 @@ class BlobStore:
         self._size = 0
         self._reserved = 0
         self._leases: Counter[Digest] = Counter()
+        # Never evicted (what production runs); their bytes still count against the budget.
+        self.pinned: frozenset[Digest] = frozenset()
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._deletions: set[asyncio.Task[None]] = set()
@@ -499,6 +501,34 @@ class BlobStore:
         if self._downloads.get(download.digest) is download:
             del self._downloads[download.digest]
 
+    # --- pins and checks
+
+    def pin(self, digests: frozenset[Digest], sizes: dict[Digest, int]) -> None:
+        """Replace the pinned set; refused when the pins alone would not fit in the budget.
+
+        `sizes` gives the size of every pinned digest (from manifest descriptors), cached or not.
+        """
+        total = sum(sizes.get(digest, 0) for digest in digests)
+        if total > self.budget:
+            raise ValueError(
+                f"pinned content is {total} bytes, more than the cache budget of {self.budget}"
+            )
+        self.pinned = digests
+
+    async def verify(self) -> list[Digest]:
+        """Re-hash every cached blob off the loop; corrupt ones are evicted and returned."""
+        corrupt: list[Digest] = []
+        for digest in list(self._entries):
+            if not await asyncio.to_thread(_hashes_to, self.blob_path(digest), digest):
+                log.error("cached %s is corrupt or missing on disk; evicting it", digest)
+                self.evict(digest)
+                corrupt.append(digest)
+        return corrupt
+
+    def entries(self) -> list[tuple[Digest, int, float]]:
+        """(digest, size, last use) from least to most recently used."""
+        return [(d, e.size, e.touched) for d, e in self._entries.items()]
+
     # --- eviction
 
     def evict(self, digest: Digest) -> bool:
@@ -518,7 +548,7 @@ class BlobStore:
         for digest, entry in self._entries.items():
             if excess <= 0:
                 break
-            if self._leases.get(digest):
+            if self._leases.get(digest) or digest in self.pinned:
                 continue
             victims.append(digest)
             excess -= entry.size
@@ -552,6 +582,17 @@ class BlobStore:
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(_unlink, trash))
         self._deletions.add(task)
         task.add_done_callback(self._deletions.discard)
+
+
+def _hashes_to(path: Path, digest: Digest) -> bool:
+    hasher = digest.hasher()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(READ_CHUNK):
+                hasher.update(chunk)
+    except OSError:
+        return False
+    return bool(hasher.hexdigest() == digest.encoded)
 
 
 def _unlink(path: Path) -> None:

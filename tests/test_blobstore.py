@@ -207,3 +207,34 @@ async def test_a_file_corrupted_on_disk_is_never_served_as_a_manifest(store: Blo
     path.write_bytes(b"X" + data[1:])
     assert store.read_small(digest) is None
     assert digest not in store
+
+
+async def test_pinned_blobs_survive_eviction_pressure(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 300_000)
+    await store.open()
+    pinned = put(store, 100_000)
+    store.pin(frozenset({pinned}), {pinned: 100_000})
+    for _ in range(5):
+        put(store, 100_000)
+    assert pinned in store
+    assert store.stats().size <= 300_000
+
+
+async def test_a_pin_set_larger_than_the_budget_is_refused(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 300_000)
+    await store.open()
+    digest, _ = random_blob(10)
+    with pytest.raises(ValueError, match="more than the cache budget"):
+        store.pin(frozenset({digest}), {digest: 400_000})
+    assert store.pinned == frozenset()
+
+
+async def test_verify_evicts_blobs_corrupted_on_disk(store: BlobStore) -> None:
+    good, bad = put(store, 5000), put(store, 5000)
+    path = store.blob_path(bad)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01  # a single bit flip
+    path.write_bytes(bytes(data))
+    assert await store.verify() == [bad]
+    assert bad not in store
+    assert good in store
