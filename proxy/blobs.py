@@ -88,6 +88,7 @@ class BlobService:
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
     ) -> web.StreamResponse:
+        await self.store.ensure_verified(digest)
         with self.store.open_blob(digest) as cached:
             if cached is not None:
                 fd, size = cached

@@ -89,6 +89,9 @@ class NotCacheable(Exception):
 class Entry:
     size: int
     touched: float
+    # Hashed by this process: at download, or on the first read after a start (the file may have
+    # changed on disk while the mirror was down).
+    verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +284,7 @@ class BlobStore:
         # Never evicted (what production runs); their bytes still count against the budget.
         self.pinned: frozenset[Digest] = frozenset()
         self._downloads: dict[Digest, Download] = {}
+        self._verifications: dict[Digest, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._deletions: set[asyncio.Task[None]] = set()
         self._eviction_names = itertools.count()
@@ -398,6 +402,29 @@ class BlobStore:
             os.close(fd)
             self._release_lease(digest)
 
+    async def ensure_verified(self, digest: Digest) -> None:
+        """Hash a blob not yet verified by this process before anyone reads it; a corrupt one is
+        evicted (and so refetched). Concurrent first reads share one verification."""
+        entry = self._entries.get(digest)
+        if entry is None or entry.verified:
+            return
+        pending = self._verifications.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(_hashes_to, self.blob_path(digest), digest)
+            )
+            self._verifications[digest] = pending
+            pending.add_done_callback(lambda _: self._verifications.pop(digest, None))
+        good = await asyncio.shield(pending)
+        entry = self._entries.get(digest)
+        if entry is None:
+            return
+        if good:
+            entry.verified = True
+        else:
+            log.error("cached %s is corrupt on disk; evicting it", digest)
+            self.evict(digest)
+
     def read_small(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes | None:
         """A small cached blob's bytes (a manifest), verified, or None."""
         with self.open_blob(digest) as opened:
@@ -409,6 +436,7 @@ class BlobStore:
             log.error("cached %s is corrupt on disk; removing it", digest)
             self.evict(digest)
             return None
+        self._entries[digest].verified = True
         return data
 
     # --- writing
@@ -494,7 +522,7 @@ class BlobStore:
     def add_entry(self, digest: Digest, size: int) -> None:
         if digest in self._entries:
             return
-        self._entries[digest] = Entry(size, time.time())
+        self._entries[digest] = Entry(size, time.time(), verified=True)
         self._size += size
 
     def download_finished(self, download: Download) -> None:

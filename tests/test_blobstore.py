@@ -238,3 +238,22 @@ async def test_verify_evicts_blobs_corrupted_on_disk(store: BlobStore) -> None:
     assert await store.verify() == [bad]
     assert bad not in store
     assert good in store
+
+
+async def test_a_blob_changed_on_disk_while_stopped_is_caught_on_its_first_read(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path, 1_000_000)
+    await store.open()
+    good, bad = put(store, 5000), put(store, 5000)
+    path = store.blob_path(bad)
+    data = bytearray(path.read_bytes())
+    data[4999] ^= 0x80
+    path.write_bytes(bytes(data))
+
+    restarted = BlobStore(tmp_path, 1_000_000)
+    await restarted.open()
+    await asyncio.gather(*(restarted.ensure_verified(bad) for _ in range(3)))
+    await restarted.ensure_verified(good)
+    assert bad not in restarted
+    assert good in restarted
