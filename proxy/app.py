@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import observability, routes, state
+from proxy import admin, observability, routes, state
 from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
@@ -71,13 +71,14 @@ def create_app(
     app[state.TAGS] = tags
     app[state.METRICS] = metrics
     app[state.LOOP_LAG] = LoopLagMonitor(metrics)
-    app[state.BLOBS] = BlobService(store, metrics)
+    app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout)
     metrics.watch_store(store)
     app[state.MANIFESTS] = ManifestService(store, tags, settings)
+    admin.install(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        async with app[state.LOOP_LAG].running(), _metrics_listener(app):
+        async with app[state.LOOP_LAG].running(), _metrics_listener(app), admin.running(app):
             yield
         await store.close()
         await upstreams.close()

@@ -45,10 +45,19 @@ class Body:
 class Transfer:
     """One response body on its way out: sends bytes and accounts for them once."""
 
+    # sendfile in pieces, so a client that stops reading is noticed within `send_timeout`.
+    PIECE = 16 * 1024 * 1024
+
     def __init__(
-        self, request: web.Request, response: web.StreamResponse, cache: str, metrics: Metrics
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        cache: str,
+        metrics: Metrics,
+        send_timeout: float,
     ) -> None:
         self.request = request
+        self.send_timeout = send_timeout
         self.response = response
         self.cache = cache
         self.metrics = metrics
@@ -71,19 +80,27 @@ class Transfer:
         transport = self.request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
-            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        self._sent(count)
+            end = offset + count
+            while offset < end:
+                piece = min(self.PIECE, end - offset)
+                async with asyncio.timeout(self.send_timeout):
+                    await loop.sendfile(transport, file, offset, piece)
+                offset += piece
+                self._sent(piece)
 
     async def write(self, chunk: bytes) -> None:
-        await self.response.write(chunk)
+        async with asyncio.timeout(self.send_timeout):
+            await self.response.write(chunk)
         self._sent(len(chunk))
 
 
 class BlobService:
-    def __init__(self, store: BlobStore, metrics: Metrics) -> None:
+    def __init__(self, store: BlobStore, metrics: Metrics, send_timeout: float = 300.0) -> None:
         self.store = store
         self.metrics = metrics
+        self.send_timeout = send_timeout
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
@@ -133,7 +150,7 @@ class BlobService:
             return response
         body = Body.for_range(byte_range, size)
         if body.end >= body.start:
-            transfer = Transfer(request, response, result, self.metrics)
+            transfer = Transfer(request, response, result, self.metrics, self.send_timeout)
             await transfer.send_file(fd, body.start, body.end - body.start + 1)
         await response.write_eof()
         return response
@@ -149,7 +166,7 @@ class BlobService:
         body = Body.for_range(byte_range, size)
         response = _response(download.digest, size, byte_range, result)
         await response.prepare(request)
-        transfer = Transfer(request, response, result, self.metrics)
+        transfer = Transfer(request, response, result, self.metrics, self.send_timeout)
         position = body.start
         try:
             async for fd, offset, count in download.read(body.start, body.end):
@@ -177,7 +194,7 @@ class BlobService:
         body = Body.for_range(byte_range, stream.size)
         response = _response(digest, stream.size, byte_range, CacheResult.MISS)
         await response.prepare(request)
-        transfer = Transfer(request, response, CacheResult.MISS, self.metrics)
+        transfer = Transfer(request, response, CacheResult.MISS, self.metrics, self.send_timeout)
         hasher = digest.hasher() if body.start == 0 else None
         try:
             await _relay(transfer, opener, digest, body.start, body, hasher)

@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.observability import configure_logging
+from proxy.tls import CertificateReloader
 
 PROG = "registry-proxy"
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve /metrics, /healthz and /readyz on this address only (default: on --listen)",
     )
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="the PEM private key for --tls-cert")
     serve.add_argument(
         "--connect-timeout", metavar="SECONDS", help="upstream connect timeout (default 5)"
     )
@@ -122,14 +125,25 @@ def serve(settings: Settings) -> int:
         settings.cache_dir,
         settings.cache_max_size,
     )
+    app = create_app(settings)
+    ssl_context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        reloader = CertificateReloader(settings.tls_cert, settings.tls_key)
+        app.cleanup_ctx.append(reloader.lifecycle)
+        ssl_context = reloader.context
     try:
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.listen_host,
             port=settings.listen_port,
+            ssl_context=ssl_context,
             print=None,
             shutdown_timeout=30,
             access_log=None,
+            handler_args={
+                "max_line_size": settings.max_header_size,
+                "max_field_size": settings.max_header_size,
+            },
         )
     except OSError as exc:
         print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",

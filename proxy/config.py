@@ -19,6 +19,8 @@ from typing import Any, Final
 
 from yarl import URL
 
+from proxy.references import ImageReference, InvalidReference
+
 DOCKER_HUB_URL: Final = "https://registry-1.docker.io"
 ENV_PREFIX: Final = "REGISTRY_PROXY_"
 
@@ -116,8 +118,24 @@ class Settings:
     allow_any_registry: bool = False
     # /metrics, /healthz and /readyz on their own address; None serves them on `listen` too.
     metrics_listen: tuple[str, int] | None = None
+    # Limits: upstream blob downloads at once (all upstreams, and each), the largest blob,
+    # how long one chunk may take to reach a client, and the longest request line or header.
+    max_downloads: int = 64
+    max_downloads_per_upstream: int = 32
+    max_blob_size: int | None = None
+    send_timeout: float = 300.0
+    max_header_size: int = 8190
+    # HTTPS: PEM files, reloaded on SIGHUP or when they change on disk.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     log_format: str = "json"
     ready_requires_upstream: bool = False
+    # The admin API (off without an address) and its bearer token; images never evicted, and
+    # how often their tags are resolved again.
+    admin_listen: tuple[str, int] | None = None
+    admin_token_file: Path | None = None
+    pins: tuple[ImageReference, ...] = ()
+    pin_refresh: float = 600.0
 
     def tag_ttl_for(self, upstream: UpstreamSettings, tag: str) -> float:
         for rule in (*upstream.tag_ttls, *self.tag_ttls):
@@ -261,6 +279,30 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {text!r}: {exc.strerror}") from None
+    return path
+
+
+def _pins(text: str) -> tuple[ImageReference, ...]:
+    """Image references separated by commas or white space (the environment's form)."""
+    return _pin_list(text.replace(",", " ").split())
+
+
+def _pin_list(items: Any) -> tuple[ImageReference, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('expected a list of image references, e.g. ["ghcr.io/org/app:1.2"]')
+    try:
+        return tuple(dict.fromkeys(ImageReference.parse(item) for item in items))
+    except InvalidReference as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _read_secret_file(text: str) -> str:
     try:
         return Path(text).read_text().strip()
@@ -293,6 +335,17 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "metrics_listen": parse_listen,
     "log_format": _log_format,
     "ready_requires_upstream": _boolean,
+    "admin_listen": parse_listen,
+    "admin_token_file": _readable_file,
+    "pins": _pins,
+    "pin_refresh": _positive_duration,
+    "max_downloads": _positive_int,
+    "max_downloads_per_upstream": _positive_int,
+    "max_blob_size": parse_size,
+    "send_timeout": _positive_duration,
+    "max_header_size": _positive_int,
+    "tls_cert": _readable_file,
+    "tls_key": _readable_file,
 }
 _UPSTREAM_KEYS: Final = frozenset(
     {"name", "url", "username", "password", "password_file", "tag_ttl", "tag_ttls"}
@@ -308,11 +361,14 @@ def load_settings(
     raw: dict[str, Any] = {}
     extra_upstreams: list[Any] = []
     tag_ttls: tuple[TagTtl, ...] | None = None
+    pins: tuple[ImageReference, ...] | None = None
     if config_file is not None:
         document = _read_toml(config_file)
         extra_upstreams = document.pop("upstreams", [])
         if "tag_ttls" in document:
             tag_ttls = _tag_ttls("tag_ttls", document.pop("tag_ttls"))
+        if "pins" in document:
+            pins = _parse_pin_list(document.pop("pins"))
         raw.update(document)
     environ = os.environ if environ is None else environ
     for key in _PARSERS:
@@ -342,7 +398,18 @@ def load_settings(
         values.pop(key, None)
     if tag_ttls is not None:
         values["tag_ttls"] = tag_ttls
+    if pins is not None and "pins" not in values:
+        values["pins"] = pins  # the file's list, unless the environment or a flag set pins
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ConfigError("tls_cert", "tls_cert and tls_key go together")
     return Settings(listen_host=host, listen_port=port, upstreams=tuple(upstreams), **values)
+
+
+def _parse_pin_list(value: Any) -> tuple[ImageReference, ...]:
+    try:
+        return _pin_list(value)
+    except ValueError as exc:
+        raise ConfigError("pins", str(exc)) from None
 
 
 def _parse(key: str, parser: Callable[[str], Any], value: Any) -> Any:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from typing import Final
@@ -41,6 +42,7 @@ class Upstreams:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._all_downloads = asyncio.Semaphore(settings.max_downloads)
         configured = upstreams or [self._make(u) for u in settings.upstreams]
         self._by_name = {upstream.name: upstream for upstream in configured}
         self.default = configured[0]
@@ -53,6 +55,11 @@ class Upstreams:
             read_timeout=self.settings.read_timeout,
             breaker=CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown),
             metrics=self.metrics,
+            download_slots=(
+                self._all_downloads,
+                asyncio.Semaphore(self.settings.max_downloads_per_upstream),
+            ),
+            max_blob_size=self.settings.max_blob_size,
         )
 
     def __iter__(self) -> Iterator[Upstream]:

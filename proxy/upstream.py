@@ -94,9 +94,11 @@ class BlobStream:
         response: aiohttp.ClientResponse,
         offset: int,
         metrics: Metrics | None = None,
+        slots: list[asyncio.Semaphore] | None = None,
     ) -> None:
         self._upstream = upstream
         self._response = response
+        self._slots = slots or []
         self._fetched = metrics.upstream_bytes.labels(upstream) if metrics else None
         self.offset = offset
         self.size = _total_size(response, offset)
@@ -114,6 +116,9 @@ class BlobStream:
 
     def close(self) -> None:
         self._response.close()
+        slots, self._slots = self._slots, []
+        for held in slots:
+            held.release()
 
 
 def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
@@ -187,9 +192,13 @@ class Upstream:
         read_timeout: float = 60.0,
         breaker: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
+        download_slots: tuple[asyncio.Semaphore, ...] = (),
+        max_blob_size: int | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.download_slots = download_slots
+        self.max_blob_size = max_blob_size
         self.name = settings.name
         self.breaker = breaker or CircuitBreaker(5, 10.0)
         self._timeout = aiohttp.ClientTimeout(
@@ -266,15 +275,31 @@ class Upstream:
     ) -> BlobStream:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         path = f"{self.remote_name(repository)}/blobs/{digest}"
-        response = await self._send("GET", path, repository, headers)
+        # A slot in every limit (global, this upstream) is held until the stream is closed.
+        held: list[asyncio.Semaphore] = []
         try:
-            self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
-            if offset and response.status != HTTPStatus.PARTIAL_CONTENT:
-                raise UpstreamUnavailable(self.name, "ignored a Range request")
-        except RegistryError:
-            response.release()
+            for slots in self.download_slots:
+                await slots.acquire()
+                held.append(slots)
+            response = await self._send("GET", path, repository, headers)
+            try:
+                self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
+                if offset and response.status != HTTPStatus.PARTIAL_CONTENT:
+                    raise UpstreamUnavailable(self.name, "ignored a Range request")
+            except RegistryError:
+                response.release()
+                raise
+        except BaseException:
+            for slots in held:
+                slots.release()
             raise
-        return BlobStream(self.name, response, offset, self.metrics)
+        stream = BlobStream(self.name, response, offset, self.metrics, held)
+        if (limit := self.max_blob_size) is not None and (stream.size or 0) > limit:
+            stream.close()
+            raise UpstreamRefused(
+                ErrorCode.SIZE_INVALID, f"blob is larger than the mirror's limit of {limit} bytes"
+            )
+        return stream
 
     async def get_referrers(
         self, repository: Repository, digest: Digest, query: str
