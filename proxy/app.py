@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import admin, observability, routes, state
+from proxy.access import AccessControl
 from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
@@ -70,6 +71,9 @@ def create_app(
     app[state.STORE] = store
     app[state.TAGS] = tags
     app[state.METRICS] = metrics
+    app[state.ACCESS] = AccessControl.from_files(
+        settings.auth_htpasswd, settings.auth_tokens_file, settings.access
+    )
     app[state.LOOP_LAG] = LoopLagMonitor(metrics)
     app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout)
     metrics.watch_store(store)

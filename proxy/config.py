@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from yarl import URL
 
+from proxy.access import AccessRule, read_htpasswd, read_tokens
 from proxy.references import ImageReference, InvalidReference
 
 DOCKER_HUB_URL: Final = "https://registry-1.docker.io"
@@ -128,6 +129,10 @@ class Settings:
     # HTTPS: PEM files, reloaded on SIGHUP or when they change on disk.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Client authentication (off when neither is set) and who may pull what.
+    auth_htpasswd: Path | None = None
+    auth_tokens_file: Path | None = None
+    access: tuple[AccessRule, ...] = ()
     log_format: str = "json"
     ready_requires_upstream: bool = False
     # The admin API (off without an address) and its bearer token; images never evicted, and
@@ -303,6 +308,33 @@ def _pin_list(items: Any) -> tuple[ImageReference, ...]:
         raise ValueError(str(exc)) from None
 
 
+def _htpasswd_file(text: str) -> Path:
+    path = _readable_file(text)
+    read_htpasswd(path)  # a bad line stops start-up, not the first pull
+    return path
+
+
+def _tokens_file(text: str) -> Path:
+    path = _readable_file(text)
+    read_tokens(path)
+    return path
+
+
+def _access_rules(value: Any) -> tuple[AccessRule, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("access", "expected [[access]] tables with identities and allow")
+    rules = []
+    for index, table in enumerate(value):
+        where = f"access[{index}]"
+        if not isinstance(table, dict) or set(table) != {"identities", "allow"}:
+            raise ConfigError(where, "expected a table with exactly identities and allow")
+        lists = [table["identities"], table["allow"]]
+        if not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in lists):
+            raise ConfigError(where, "identities and allow must be lists of strings")
+        rules.append(AccessRule(tuple(table["identities"]), tuple(table["allow"])))
+    return tuple(rules)
+
+
 def _read_secret_file(text: str) -> str:
     try:
         return Path(text).read_text().strip()
@@ -346,6 +378,8 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "max_header_size": _positive_int,
     "tls_cert": _readable_file,
     "tls_key": _readable_file,
+    "auth_htpasswd": _htpasswd_file,
+    "auth_tokens_file": _tokens_file,
 }
 _UPSTREAM_KEYS: Final = frozenset(
     {"name", "url", "username", "password", "password_file", "tag_ttl", "tag_ttls"}
@@ -361,12 +395,15 @@ def load_settings(
     raw: dict[str, Any] = {}
     extra_upstreams: list[Any] = []
     tag_ttls: tuple[TagTtl, ...] | None = None
+    access: tuple[AccessRule, ...] = ()
     pins: tuple[ImageReference, ...] | None = None
     if config_file is not None:
         document = _read_toml(config_file)
         extra_upstreams = document.pop("upstreams", [])
         if "tag_ttls" in document:
             tag_ttls = _tag_ttls("tag_ttls", document.pop("tag_ttls"))
+        if "access" in document:
+            access = _access_rules(document.pop("access"))
         if "pins" in document:
             pins = _parse_pin_list(document.pop("pins"))
         raw.update(document)
@@ -398,6 +435,7 @@ def load_settings(
         values.pop(key, None)
     if tag_ttls is not None:
         values["tag_ttls"] = tag_ttls
+    values["access"] = access
     if pins is not None and "pins" not in values:
         values["pins"] = pins  # the file's list, unless the environment or a flag set pins
     if ("tls_cert" in values) != ("tls_key" in values):

@@ -15,7 +15,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import state
-from proxy.request_keys import BYTES_SENT, CACHE_KIND, ROUTE, UPSTREAM
+from proxy.request_keys import BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
+from proxy.traffic import TRAFFIC
 
 access_log = logging.getLogger("registry_proxy.access")
 
@@ -44,6 +45,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
         if CACHE_KIND in request and cache in ("hit", "miss", "coalesced", "stale"):
             metrics.cache_requests.labels(request[CACHE_KIND], cache).inc()
+        if (traffic := request.app.get(TRAFFIC)) is not None and status < 400:
+            traffic.record(request, _bytes_sent(request, response))  # the admin API's top repos
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s %s",
@@ -61,6 +64,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                         "duration_ms": round(duration * 1000, 3),
                         "cache": cache,
                         "upstream": request.get(UPSTREAM, None),
+                        "identity": request.get(IDENTITY, None),
                         "user_agent": request.headers.get("User-Agent"),
                     }
                 },

@@ -9,4 +9,5 @@ from aiohttp import web
 ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers
 CACHE_KIND: Final = web.RequestKey("cache_kind", str)  # blob | manifest | tag
 UPSTREAM: Final = web.RequestKey("upstream", str)
+IDENTITY: Final = web.RequestKey("identity", str)  # who authenticated, or "anonymous"
 BYTES_SENT: Final = web.RequestKey("bytes_sent", int)  # sendfile bypasses aiohttp's own count

@@ -19,6 +19,9 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 async def registry_api(request: web.Request) -> web.StreamResponse:
     """Every `/v2/...` request: one parser picks the endpoint; bad names never reach a route."""
     raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
+    access = request.app[state.ACCESS]
+    identity = access.authenticate(request.headers.get("Authorization"))
+    request[request_keys.IDENTITY] = identity
     if raw_tail == "":
         request[request_keys.ROUTE] = "ping"
         if request.method not in READ_METHODS:
@@ -30,6 +33,8 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     request[request_keys.ROUTE] = api.endpoint
     if api.endpoint == "unsupported" or request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
+    if api.repository is not None:
+        access.authorize(identity, upstream.name, api.repository.name)
     if api.endpoint == "manifest":
         return await _manifest(request, upstream, api)
     if api.endpoint == "blob":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.access import AccessControl
 from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
@@ -18,5 +19,6 @@ STORE = web.AppKey("store", BlobStore)
 TAGS = web.AppKey("tags", TagCache)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
+ACCESS = web.AppKey("access", AccessControl)
 METRICS = web.AppKey("metrics", Metrics)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
