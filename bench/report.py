@@ -1,0 +1,229 @@
+"""Medians, ratios to the best peer, the goals, and the JSON and Markdown outputs."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Samples = dict[str, dict[str, dict[str, list[float]]]]  # mirror -> scenario -> metric -> values
+
+SCENARIOS = (
+    "cold_pull",
+    "warm_pull",
+    "herd",
+    "manifest_hits",
+    "large_blob",
+    "memory",
+    "wan",
+)
+DIRECT = "direct"
+
+
+@dataclass(frozen=True)
+class Metric:
+    scenario: str
+    name: str
+    label: str
+    better: Literal["lower", "higher", "none"]
+    digits: int = 2
+
+
+METRICS = (
+    Metric("cold_pull", "small_s", "small multi-arch image, s", "lower", 3),
+    Metric("cold_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
+    Metric("cold_pull", "medium_upstream_ratio", "upstream bytes / image bytes", "lower", 3),
+    Metric("warm_pull", "small_s", "small multi-arch image, s", "lower", 3),
+    Metric("warm_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
+    Metric("warm_pull", "upstream_bytes", "upstream bytes (both pulls)", "lower", 0),
+    Metric("warm_pull", "skopeo_ok", "skopeo pull verified (1 = yes)", "none", 0),
+    Metric("herd", "total_s", "total wall, s", "lower", 3),
+    Metric("herd", "p50_client_s", "p50 per client, s", "lower", 3),
+    Metric("herd", "p99_client_s", "p99 per client, s", "lower", 3),
+    Metric("herd", "upstream_ratio", "upstream bytes / image bytes", "lower", 3),
+    Metric("herd", "first_ttfb_s", "first client's first byte, s", "lower", 3),
+    Metric("herd", "last_ttfb_s", "last client's first byte, s", "lower", 3),
+    Metric("herd", "ttfb_spread_ms", "last - first first byte, ms", "lower", 1),
+    Metric("manifest_hits", "digest_rps", "by digest: req/s", "higher", 0),
+    Metric("manifest_hits", "digest_p50_ms", "by digest: p50, ms", "lower", 2),
+    Metric("manifest_hits", "digest_p99_ms", "by digest: p99, ms", "lower", 2),
+    Metric(
+        "manifest_hits", "digest_upstream_bytes_per_req", "by digest: upstream B/req", "lower", 1
+    ),
+    Metric("manifest_hits", "tag_rps", "by tag: req/s", "higher", 0),
+    Metric("manifest_hits", "tag_p50_ms", "by tag: p50, ms", "lower", 2),
+    Metric("manifest_hits", "tag_p99_ms", "by tag: p99, ms", "lower", 2),
+    Metric("manifest_hits", "tag_upstream_bytes_per_req", "by tag: upstream B/req", "lower", 1),
+    Metric("large_blob", "cold_s", "cold fetch of the large layer, s", "lower", 2),
+    Metric("large_blob", "warm_gb_per_s", "large layer warm, 4 clients, GB/s", "higher", 2),
+    Metric("large_blob", "client_cpu_cores", "curl CPU, cores (of 2)", "none", 2),
+    Metric("memory", "herd_peak_mib", "peak RSS in herd, MiB", "lower", 1),
+    Metric("memory", "large_blob_peak_mib", "peak RSS in large blob, MiB", "lower", 1),
+    Metric("wan", "cold_s", "cold pull over WAN, s", "lower", 2),
+    Metric("wan", "warm_s", "warm pull over WAN, s", "lower", 3),
+    Metric("wan", "cold_upstream_ratio", "WAN bytes / image bytes", "lower", 3),
+)
+
+
+def medians(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:
+    """scenario -> mirror -> metric -> median."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for mirror, scenarios in samples.items():
+        for scenario, metrics in scenarios.items():
+            out.setdefault(scenario, {})[mirror] = {
+                name: statistics.median(values) for name, values in metrics.items()
+            }
+    return out
+
+
+def ratio_to_best_peer(
+    table: dict[str, dict[str, dict[str, float]]], metric: Metric, peers: list[str]
+) -> float | None:
+    """ours / the best peer's median (below 1 is better for "lower" metrics, above for "higher")."""
+    rows = table.get(metric.scenario, {})
+    ours = rows.get("ours", {}).get(metric.name)
+    values = [rows[p][metric.name] for p in peers if metric.name in rows.get(p, {})]
+    if ours is None or not values or metric.better == "none":
+        return None
+    best = min(values) if metric.better == "lower" else max(values)
+    return ours / best if best else None
+
+
+def _get(
+    table: dict[str, dict[str, dict[str, float]]], scenario: str, mirror: str, name: str
+) -> float | None:
+    return table.get(scenario, {}).get(mirror, {}).get(name)
+
+
+def goals(table: dict[str, dict[str, dict[str, float]]], peers: list[str]) -> list[dict[str, Any]]:
+    """The issue's targets, each with what this run measured."""
+
+    def best_peer(scenario: str, name: str, better: str) -> float | None:
+        values = [v for p in peers if (v := _get(table, scenario, p, name)) is not None]
+        if not values:
+            return None
+        return min(values) if better == "lower" else max(values)
+
+    found: list[dict[str, Any]] = []
+
+    def goal(text: str, measured: str, met: bool | None) -> None:
+        found.append({"goal": text, "measured": measured, "met": met})
+
+    def ours(scenario: str, name: str) -> float | None:
+        return _get(table, scenario, "ours", name)
+
+    if (r := ours("herd", "upstream_ratio")) is not None:
+        goal("herd upstream bytes = 1.00 x image", f"{r:.3f} x", round(r, 2) <= 1.00)
+    if (t := ours("herd", "total_s")) is not None and (b := best_peer("herd", "total_s", "lower")):
+        goal("herd wall <= best peer", f"{t:.2f} s vs {b:.2f} s ({t / b:.2f} x)", t <= b)
+    if (s := ours("herd", "ttfb_spread_ms")) is not None:
+        goal("herd: last client's first byte within 100 ms of the first's", f"{s:.0f} ms", s <= 100)
+    for scenario, label in (("cold_pull", "LAN"), ("wan", "WAN")):
+        name = "medium_s" if scenario == "cold_pull" else "cold_s"
+        c, d = ours(scenario, name), _get(table, scenario, DIRECT, name)
+        if c is not None and d:
+            goal(
+                f"cold pull <= 1.05 x direct ({label})",
+                f"{c / d:.2f} x ({c:.2f} s vs {d:.2f} s)",
+                c <= 1.05 * d,
+            )
+    g, n = ours("large_blob", "warm_gb_per_s"), _get(table, "large_blob", "nginx", "warm_gb_per_s")
+    if g is not None and n:
+        goal(
+            "warm blob throughput >= 1.0 x nginx",
+            f"{g / n:.2f} x ({g:.2f} vs {n:.2f} GB/s)",
+            g >= n,
+        )
+    for kind in ("digest", "tag"):
+        rps, p99 = ours("manifest_hits", f"{kind}_rps"), ours("manifest_hits", f"{kind}_p99_ms")
+        nginx = _get(table, "manifest_hits", "nginx", f"{kind}_rps")
+        if rps is not None and p99 is not None and nginx:
+            goal(
+                f"manifest hits by {kind} >= 1.0 x nginx req/s, p99 < 10 ms",
+                f"{rps / nginx:.2f} x ({rps:.0f} vs {nginx:.0f} req/s), p99 {p99:.1f} ms",
+                rps >= nginx and p99 < 10,
+            )
+    if (m := ours("memory", "herd_peak_mib")) is not None:
+        goal("peak RSS < 150 MiB during the herd", f"{m:.0f} MiB", m < 150)
+    w, d = ours("wan", "warm_s"), _get(table, "wan", DIRECT, "cold_s")
+    if w is not None and d:
+        goal(
+            "WAN warm pull >= 5 x faster than direct",
+            f"{d / w:.1f} x ({w:.2f} s vs {d:.2f} s)",
+            d / w >= 5,
+        )
+    return found
+
+
+def build(samples: Samples, meta: dict[str, Any], peers: list[str]) -> dict[str, Any]:
+    table = medians(samples)
+    return {
+        "meta": meta,
+        "scenarios": {
+            scenario: {
+                mirror: {
+                    name: {"median": table[scenario][mirror][name], "samples": values}
+                    for name, values in samples[mirror][scenario].items()
+                }
+                for mirror in samples
+                if scenario in samples[mirror]
+            }
+            for scenario in SCENARIOS
+            if scenario in table
+        },
+        "ratio_to_best_peer": {
+            f"{m.scenario}.{m.name}": ratio
+            for m in METRICS
+            if (ratio := ratio_to_best_peer(table, m, peers)) is not None
+        },
+        "goals": goals(table, peers),
+    }
+
+
+def _cell(value: float | None, digits: int) -> str:
+    if value is None:
+        return ""
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    mirrors: list[str] = meta["mirrors"]
+    peers = [m for m in mirrors if m != "ours"]
+    columns = [*mirrors, DIRECT]
+    table = {
+        scenario: {
+            mirror: {k: v["median"] for k, v in metrics.items()} for mirror, metrics in rows.items()
+        }
+        for scenario, rows in result["scenarios"].items()
+    }
+    machine = meta["machine"]
+    lines = [
+        f"Run {meta['date']} (ours at {meta['ours_version']}) on {machine['cpu']} "
+        f"({machine['nproc']} cores), "
+        f"Linux {machine['kernel']}; {meta['repeat']} repetition(s), medians"
+        f"{' (--quick)' if meta['quick'] else ''}. Images: "
+        + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in meta["image_bytes"].items())
+        + f"; herd of {meta['herd_clients']} clients; WAN {meta['wan']}.",
+        "",
+        "| scenario | metric | " + " | ".join(columns) + " | ours / best peer |",
+        "| --- | --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
+    ]
+    for m in METRICS:
+        if m.scenario not in table:
+            continue
+        cells = [_cell(table[m.scenario].get(c, {}).get(m.name), m.digits) for c in columns]
+        if not any(cells):
+            continue
+        ratio = ratio_to_best_peer(table, m, peers)
+        lines.append(
+            f"| {m.scenario} | {m.label} | " + " | ".join(cells) + f" | {_cell(ratio, 2)} |"
+        )
+    if result["goals"]:
+        lines += ["", "| goal | measured | met |", "| --- | --- | --- |"]
+        for goal in result["goals"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[goal["met"]]
+            lines.append(f"| {goal['goal']} | {goal['measured']} | {met} |")
+    return "\n".join(lines) + "\n"
