@@ -14,7 +14,7 @@ from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
-from proxy.metrics import LoopLagMonitor, Metrics
+from proxy.metrics import HealthMonitor, Metrics
 from proxy.oci import ErrorCode, RegistryError
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
@@ -74,7 +74,7 @@ def create_app(
     app[state.ACCESS] = AccessControl.from_files(
         settings.auth_htpasswd, settings.auth_tokens_file, settings.access
     )
-    app[state.LOOP_LAG] = LoopLagMonitor(metrics)
+    app[state.HEALTH] = HealthMonitor(metrics, store.temp_dir)
     app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout)
     metrics.watch_store(store)
     app[state.MANIFESTS] = ManifestService(store, tags, settings)
@@ -82,7 +82,7 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        async with app[state.LOOP_LAG].running(), _metrics_listener(app), admin.running(app):
+        async with app[state.HEALTH].running(), _metrics_listener(app), admin.running(app):
             yield
         await store.close()
         await upstreams.close()
@@ -116,7 +116,7 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
     operator[state.METRICS] = app[state.METRICS]
     operator[state.STORE] = app[state.STORE]
     operator[state.UPSTREAMS] = app[state.UPSTREAMS]
-    operator[state.LOOP_LAG] = app[state.LOOP_LAG]
+    operator[state.HEALTH] = app[state.HEALTH]
     _add_operator_routes(operator)
     runner = web.AppRunner(operator, access_log=None)
     await runner.setup()

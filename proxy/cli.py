@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import cachecli, warm
 from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.observability import configure_logging
@@ -77,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="serve /metrics, /healthz and /readyz on this address only (default: on --listen)",
+        help=(
+            "serve /metrics on this address instead of --listen "
+            "(/healthz and /readyz answer on both)"
+        ),
+    )
+    serve.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve the admin API (cache stats, invalidate, evict, pins) here (default: off)",
+    )
+    serve.add_argument(
+        "--admin-token-file", metavar="FILE", help="bearer token the admin API requires"
     )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the PEM private key for --tls-cert")
@@ -94,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="limit for one whole blob download into the cache (default 3600)",
     )
+    warm.add_command(commands)
+    cachecli.add_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "warm":
+        return warm.main(args)
+    if args.command == "cache":
+        return cachecli.main(args)
     flags = {
         key: value
         for key, value in vars(args).items()
@@ -140,10 +158,9 @@ def serve(settings: Settings) -> int:
             print=None,
             shutdown_timeout=30,
             access_log=None,
-            handler_args={
-                "max_line_size": settings.max_header_size,
-                "max_field_size": settings.max_header_size,
-            },
+            # Passed through to aiohttp's request handler (its HTTP parser limits).
+            max_line_size=settings.max_header_size,
+            max_field_size=settings.max_header_size,
         )
     except OSError as exc:
         print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",

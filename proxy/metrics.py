@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -90,6 +93,15 @@ class Metrics:
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz would answer 200.", registry=r)
         ProcessCollector(registry=r)
+        # Series exist from the start, so the first burst after a restart is a rate, not a jump
+        # from nothing, and "none yet" reads 0 rather than "no data".
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for kind in ("blob", "manifest", "tag"):
+            for result in ("hit", "miss", "coalesced", "stale"):
+                self.cache_requests.labels(kind, result)
+        for result in ("hit", "miss", "coalesced"):
+            self.blob_first_byte.labels(result)
 
     def watch_store(self, store: BlobStore) -> None:
         self.registry.register(_StoreCollector(store))
@@ -137,21 +149,43 @@ class _StoreCollector(Collector):
         )
 
 
-class LoopLagMonitor:
-    """Measures how late a periodic timer fires: a stuck event loop fails readiness."""
+# The event loop counts as stuck (not ready) when a 1 s timer fires this late.
+MAX_LOOP_LAG: Final = 2.0
 
-    def __init__(self, metrics: Metrics, interval: float = 1.0) -> None:
+
+class HealthMonitor:
+    """Keeps readiness current without waiting for a probe: how late a 1 s timer fires (a
+    stuck event loop) and, every few ticks, whether the cache directory takes a write."""
+
+    def __init__(
+        self, metrics: Metrics, cache_dir: Path, interval: float = 1.0, cache_every: int = 5
+    ) -> None:
         self.interval = interval
+        self.cache_dir = cache_dir
+        self.cache_every = cache_every
         self.lag = 0.0
-        self._gauge = metrics.loop_lag
+        self.cache = "unchecked"
+        self._metrics = metrics
+
+    @property
+    def ready(self) -> bool:
+        return self.lag < MAX_LOOP_LAG and self.cache == "ok"
+
+    async def check_cache(self) -> str:
+        self.cache = await asyncio.to_thread(cache_writable, self.cache_dir)
+        self._metrics.ready.set(1 if self.ready else 0)
+        return self.cache
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        for tick in itertools.count():
+            if tick % self.cache_every == 0:
+                await self.check_cache()
             expected = loop.time() + self.interval
             await asyncio.sleep(self.interval)
             self.lag = max(0.0, loop.time() - expected)
-            self._gauge.set(self.lag)
+            self._metrics.loop_lag.set(self.lag)
+            self._metrics.ready.set(1 if self.ready else 0)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -162,3 +196,14 @@ class LoopLagMonitor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def cache_writable(directory: Path) -> str:
+    # A unique name each time: a probe and the periodic check may run at once.
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".ready-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as exc:
+        return f"not writable: {exc.strerror}"
+    return "ok"

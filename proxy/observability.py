@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -15,13 +13,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import state
+from proxy.metrics import MAX_LOOP_LAG
 from proxy.request_keys import BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
 from proxy.traffic import TRAFFIC
 
 access_log = logging.getLogger("registry_proxy.access")
 
-# The event loop counts as stuck (not ready) when a 1 s timer fires this late.
-MAX_LOOP_LAG: Final = 2.0
+OPERATOR_ROUTES: Final = frozenset({"metrics", "healthz", "readyz"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,8 +45,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             metrics.cache_requests.labels(request[CACHE_KIND], cache).inc()
         if (traffic := request.app.get(TRAFFIC)) is not None and status < 400:
             traffic.record(request, _bytes_sent(request, response))  # the admin API's top repos
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
+        # Probes and scrapes arrive every few seconds: worth a line only when debugging.
+        level = logging.DEBUG if route in OPERATOR_ROUTES else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(
+                level,
                 "%s %s %s",
                 request.method,
                 request.path_qs,
@@ -87,12 +88,14 @@ def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> in
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    request[ROUTE] = "metrics"
     body = generate_latest(request.app[state.METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers. Restarting it would not help anything else."""
+    request[ROUTE] = "healthz"
     return web.json_response({"status": "ok"})
 
 
@@ -100,30 +103,18 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: the cache dir takes writes and the event loop is not stuck; with
     `ready_requires_upstream` (or `?upstream=1`) the upstreams must answer too."""
     app = request.app
-    checks: dict[str, str] = {}
-    checks["cache"] = await asyncio.to_thread(_cache_writable, app[state.STORE].temp_dir)
-    lag = app[state.LOOP_LAG].lag
-    checks["event_loop"] = "ok" if lag < MAX_LOOP_LAG else f"lagging {lag:.1f}s"
+    request[ROUTE] = "readyz"
+    health = app[state.HEALTH]
+    checks: dict[str, str] = {"cache": await health.check_cache()}
+    checks["event_loop"] = "ok" if health.lag < MAX_LOOP_LAG else f"lagging {health.lag:.1f}s"
     if app[state.SETTINGS].ready_requires_upstream or request.query.get("upstream") == "1":
         for upstream in app[state.UPSTREAMS]:
             checks[f"upstream {upstream.name}"] = await _upstream_reachable(upstream.settings.url)
     ready = all(value == "ok" for value in checks.values())
-    app[state.METRICS].ready.set(1 if ready else 0)
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},
         status=200 if ready else 503,
     )
-
-
-def _cache_writable(temp_dir: Any) -> str:
-    probe = os.path.join(temp_dir, f".ready-{os.getpid()}")
-    try:
-        with open(probe, "wb") as file:
-            file.write(b"ok")
-        os.unlink(probe)
-    except OSError as exc:
-        return f"not writable: {exc.strerror}"
-    return "ok"
 
 
 async def _upstream_reachable(url: Any) -> str:

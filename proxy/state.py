@@ -9,7 +9,7 @@ from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
-from proxy.metrics import LoopLagMonitor, Metrics
+from proxy.metrics import HealthMonitor, Metrics
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 
@@ -21,4 +21,4 @@ BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 ACCESS = web.AppKey("access", AccessControl)
 METRICS = web.AppKey("metrics", Metrics)
-LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
+HEALTH = web.AppKey("health", HealthMonitor)
