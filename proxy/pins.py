@@ -94,9 +94,9 @@ class PinResolver:
         """Resolve the pins now and again every `refresh` seconds; runs until cancelled."""
         while True:
             try:
-                await self.apply(self.references)
+                await self.resolve_again()
             except PinsTooLarge as exc:
-                log.error("pins refused, nothing is pinned: %s", exc)
+                log.error("pins refused, the previous pinned set stays: %s", exc)
             finally:
                 self.settled.set()
             await asyncio.sleep(self.refresh)
@@ -105,23 +105,31 @@ class PinResolver:
         """Resolve `references` and make them the pinned set; raises `PinsTooLarge` (and
         keeps the previous set) when they do not fit in the budget."""
         async with self._lock:
-            images = [await self._resolve(reference) for reference in references]
-            sizes: dict[Digest, int] = {}
-            for image in images:
-                sizes.update(image.sizes)
-            try:
-                self.store.pin(frozenset(sizes), sizes)
-            except ValueError as exc:
-                raise PinsTooLarge(
-                    f"{len(references)} pinned images need {sum(sizes.values())} bytes, more "
-                    f"than the cache budget of {self.store.budget} bytes"
-                ) from exc
-            self.references = references
-            self.images = {image.reference: image for image in images}
-            for image in images:
-                if image.error is not None:
-                    log.warning("pin %s not resolved: %s", image.reference, image.error)
-            return images
+            return await self._apply(references)
+
+    async def resolve_again(self) -> list[PinnedImage]:
+        """Resolve the current pins again (tags move)."""
+        async with self._lock:
+            return await self._apply(self.references)
+
+    async def _apply(self, references: tuple[ImageReference, ...]) -> list[PinnedImage]:
+        images = [await self._resolve(reference) for reference in references]
+        sizes: dict[Digest, int] = {}
+        for image in images:
+            sizes.update(image.sizes)
+        try:
+            self.store.pin(frozenset(sizes), sizes)
+        except ValueError as exc:
+            raise PinsTooLarge(
+                f"{len(references)} pinned images need {sum(sizes.values())} bytes, more "
+                f"than the cache budget of {self.store.budget} bytes"
+            ) from exc
+        self.references = references
+        self.images = {image.reference: image for image in images}
+        for image in images:
+            if image.error is not None:
+                log.warning("pin %s not resolved: %s", image.reference, image.error)
+        return images
 
     async def _resolve(self, reference: ImageReference) -> PinnedImage:
         previous = self.images.get(reference, PinnedImage(reference))
@@ -136,7 +144,11 @@ class PinResolver:
         return PinnedImage(reference, digest, sizes, time.time())
 
     async def _walk(
-        self, upstream: Upstream, repository: Repository, ref: Tag | Digest, sizes: dict[Digest, int]
+        self,
+        upstream: Upstream,
+        repository: Repository,
+        ref: Tag | Digest,
+        sizes: dict[Digest, int],
     ) -> Digest:
         """Add a manifest and everything it references to `sizes`; returns its digest."""
         if isinstance(ref, Tag):
@@ -164,19 +176,22 @@ class PinResolver:
         return sum(sizes.values())
 
     def status(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "reference": str(reference),
-                "digest": str(image.digest) if image.digest else None,
-                "blobs": len(image.sizes),
-                "bytes": image.size,
-                "cached_bytes": sum(s for d, s in image.sizes.items() if d in self.store),
-                "resolved": image.resolved or None,
-                "error": image.error,
-            }
-            for reference in self.references
-            if (image := self.images.get(reference, PinnedImage(reference)))
-        ]
+        """Every pin as the admin API shows it, in the order they were given."""
+        rows = []
+        for reference in self.references:
+            image = self.images.get(reference, PinnedImage(reference))
+            rows.append(
+                {
+                    "reference": str(reference),
+                    "digest": str(image.digest) if image.digest else None,
+                    "blobs": len(image.sizes),  # manifests included: they are blobs too
+                    "bytes": image.size,
+                    "cached_bytes": sum(s for d, s in image.sizes.items() if d in self.store),
+                    "resolved": image.resolved or None,
+                    "error": image.error,
+                }
+            )
+        return rows
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -28,7 +28,9 @@ from proxy.oci import Digest, RegistryError, Repository, Tag
 DOCKER_HUB: Final = "docker.io"
 _DOCKER_HUB_ALIASES: Final = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 # host [":" port]: DNS labels or an IPv4 address, as the domain component of a reference.
-_DOMAIN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::\d+)?")
+_DOMAIN: Final = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::\d+)?"
+)
 
 
 class InvalidReference(ValueError):
