@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -57,16 +58,43 @@ class ManifestService:
         self.tags = tags
         self.settings = settings
         self._resolving: dict[str, asyncio.Future[tuple[Resolution, str]]] = {}
+        self.memo = ManifestMemo()
 
     async def by_digest(
         self, upstream: Upstream, repository: Repository, digest: Digest, *, head: bool
     ) -> ManifestAnswer:
-        cached = self.store.read_small(digest)
-        if cached is not None:
-            return _answer(cached, digest, head, CacheResult.HIT)
+        body, media_type, result = await self._manifest_bytes(upstream, repository, digest)
+        assert body is not None
+        return ManifestAnswer(media_type, digest, len(body), None if head else body, result)
+
+    async def _manifest_bytes(
+        self,
+        upstream: Upstream,
+        repository: Repository,
+        digest: Digest,
+        *,
+        from_upstream: bool = True,
+    ) -> tuple[bytes | None, str, str]:
+        """A manifest's bytes by digest, nearest first: memory, disk, the replicas' shared
+        cache, then (unless told not to) the upstream. Bytes by digest never change."""
+        remembered = self.memo.get(digest)
+        if remembered is not None:
+            return remembered[0], remembered[1], CacheResult.HIT
+        body = self.store.read_small(digest)
+        if body is None and (body := await self.tags.get_manifest(digest)) is not None:
+            self.store.put_small(digest, body)
+        if body is not None:
+            media_type = manifest_media_type(body)
+            self.memo.put(digest, body, media_type)
+            return body, media_type, CacheResult.HIT
+        if not from_upstream:
+            return None, "", CacheResult.STALE
         manifest = await upstream.get_manifest(repository, digest, ALL_MANIFEST_TYPES)
         self.store.put_small(manifest.digest, manifest.body)
-        return _answer(manifest.body, digest, head, CacheResult.MISS)
+        await self.tags.put_manifest(manifest.digest, manifest.body)
+        media_type = manifest_media_type(manifest.body)
+        self.memo.put(digest, manifest.body, media_type)
+        return manifest.body, media_type, CacheResult.MISS
 
     async def by_tag(
         self,
@@ -153,6 +181,7 @@ class ManifestService:
                 f"upstream offers {media_type}, which the client does not accept",
             )
         self.store.put_small(manifest.digest, manifest.body)
+        await self.tags.put_manifest(manifest.digest, manifest.body)
         resolution = Resolution(str(manifest.digest), media_type, len(manifest.body), time.time())
         await self.tags.put(*names, accepted, resolution)
         return resolution, CacheResult.MISS
@@ -168,17 +197,13 @@ class ManifestService:
         digest = Digest.parse(resolution.digest)
         if head:
             return ManifestAnswer(resolution.media_type, digest, resolution.size, None, result)
-        body = self.store.read_small(digest)
-        if body is not None:
-            return ManifestAnswer(resolution.media_type, digest, len(body), body, result)
-        if result == CacheResult.STALE:
-            return None
-        # Resolved by a HEAD, or evicted since: the bytes by digest, which never change.
-        manifest = await upstream.get_manifest(repository, digest, [resolution.media_type, "*/*"])
-        self.store.put_small(manifest.digest, manifest.body)
-        return ManifestAnswer(
-            resolution.media_type, digest, len(manifest.body), manifest.body, result
+        # Resolved by a HEAD, or evicted since, the bytes come by digest; not while stale.
+        body, _, _ = await self._manifest_bytes(
+            upstream, repository, digest, from_upstream=result != CacheResult.STALE
         )
+        if body is None:
+            return None
+        return ManifestAnswer(resolution.media_type, digest, len(body), body, result)
 
     async def _single_flight(
         self, key: str, work: Callable[[], Awaitable[tuple[Resolution, str]]]
@@ -193,7 +218,34 @@ class ManifestService:
         return await asyncio.shield(future)
 
 
-def _answer(body: bytes, digest: Digest, head: bool, cache: str) -> ManifestAnswer:
-    return ManifestAnswer(
-        manifest_media_type(body), digest, len(body), None if head else body, cache
-    )
+class ManifestMemo:
+    """The hottest manifests in memory: a hit then costs no file read and no JSON parse.
+
+    Only verified bytes come in (from the store, which verifies, or checked by digest), and the
+    total is capped, so this is a bounded copy of what the store already holds.
+    """
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[Digest, tuple[bytes, str]] = OrderedDict()
+
+    def get(self, digest: Digest) -> tuple[bytes, str] | None:
+        entry = self._entries.get(digest)
+        if entry is not None:
+            self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: Digest, body: bytes, media_type: str) -> None:
+        if digest in self._entries or len(body) > self.max_bytes:
+            return
+        self._entries[digest] = (body, media_type)
+        self.size += len(body)
+        while self.size > self.max_bytes:
+            _, (evicted, _) = self._entries.popitem(last=False)
+            self.size -= len(evicted)
+
+    def forget(self, digest: Digest) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self.size -= len(entry[0])

@@ -10,6 +10,7 @@ Entries in the backend::
     tag:<upstream>/<repository>:<tag>      {accept-set id: resolution}   one per client Accept set
     repo:<upstream>/<repository>           [tag, ...]                    the tags ever resolved
     missing:<upstream>/<repository>:<tag>  1                             an upstream 404, briefly
+    manifest:<digest>                      base64 body                   only on a shared backend
 
 The same tag means an index to a client that accepts indexes and a single-platform manifest to
 one that does not, hence one resolution per Accept set, all under one entry so that
@@ -18,6 +19,8 @@ invalidating the tag reaches every variant.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, replace
@@ -27,6 +30,7 @@ from aiocache import Cache
 from aiocache.serializers import JsonSerializer
 
 from proxy.config import Settings
+from proxy.oci import Digest
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,15 @@ class TagCache:
     a cache miss, and the mirror keeps answering from the upstream.
     """
 
-    def __init__(self, backend: Any, *, stale_ttl: float, negative_ttl: float) -> None:
+    def __init__(
+        self, backend: Any, *, stale_ttl: float, negative_ttl: float, shared: bool = False
+    ) -> None:
         self.backend = backend
         self.stale_ttl = stale_ttl
         self.negative_ttl = negative_ttl
+        # A backend other replicas read too also carries manifest bodies, so a tag resolved by
+        # one replica costs the others no upstream GET (Docker Hub counts GETs as pulls).
+        self.shared = shared
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TagCache:
@@ -65,7 +74,30 @@ class TagCache:
             backend.namespace = "registry-proxy:"
         else:
             backend = Cache(Cache.MEMORY, serializer=JsonSerializer())
-        return cls(backend, stale_ttl=settings.stale_ttl, negative_ttl=settings.negative_ttl)
+        return cls(
+            backend,
+            stale_ttl=settings.stale_ttl,
+            negative_ttl=settings.negative_ttl,
+            shared=bool(settings.redis_url),
+        )
+
+    async def get_manifest(self, digest: Digest) -> bytes | None:
+        """A manifest another replica stored, verified against its digest; never trusted blind."""
+        if not self.shared:
+            return None
+        value = await self._call("get", f"manifest:{digest}")
+        if not isinstance(value, str):
+            return None
+        try:
+            body = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            return None
+        return body if Digest.of(body, digest.algorithm) == digest else None
+
+    async def put_manifest(self, digest: Digest, body: bytes) -> None:
+        if self.shared:
+            encoded = base64.b64encode(body).decode("ascii")
+            await self._call("set", f"manifest:{digest}", encoded, ttl=int(self.stale_ttl))
 
     async def get(
         self, upstream: str, repository: str, tag: str, accepted: frozenset[str]
