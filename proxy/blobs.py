@@ -16,7 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.blobstore import BlobSource, BlobStore, CacheResult, Download, Opener, State
+from proxy.blobstore import (
+    BlobSource,
+    BlobStore,
+    CacheResult,
+    DigestMismatch,
+    Download,
+    Opener,
+    State,
+)
 from proxy.metrics import Metrics
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
@@ -178,10 +186,15 @@ class BlobService:
                 hasher = download.hasher.copy() if body.start == 0 else None
                 await _relay(transfer, opener, download.digest, position, body, hasher)
         except Exception as exc:
-            _abort(request, download.digest, exc)
+            self._abort(request, download.digest, exc)
             return response
         await response.write_eof()
         return response
+
+    def _abort(self, request: web.Request, digest: Digest, exc: BaseException) -> None:
+        if isinstance(exc, DigestMismatch) and not exc.counted:
+            self.store.digest_mismatches += 1  # streamed through: the store never saw it
+        _abort(request, digest, exc)
 
     async def _pass_through(
         self, request: web.Request, digest: Digest, opener: Opener
@@ -199,7 +212,7 @@ class BlobService:
         try:
             await _relay(transfer, opener, digest, body.start, body, hasher)
         except Exception as exc:
-            _abort(request, digest, exc)
+            self._abort(request, digest, exc)
             return response
         await response.write_eof()
         return response
@@ -225,7 +238,7 @@ async def _relay(
                 hasher.update(chunk)
             last = position + len(chunk) > body.end
             if hasher is not None and last and hasher.hexdigest() != digest.encoded:
-                raise RegistryError(ErrorCode.DIGEST_INVALID, "upstream digest mismatch")
+                raise DigestMismatch(digest, "digest mismatch")
             await transfer.write(chunk)
             position += len(chunk)
             if position > body.end:

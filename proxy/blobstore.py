@@ -68,8 +68,14 @@ Opener = Callable[[int], Awaitable[BlobSource]]
 
 
 class DigestMismatch(RegistryError):
+    """The upstream's bytes did not match the digest: the upstream's fault, so a 502 that
+    clients retry, never the 400 that DIGEST_INVALID means for a client's own mistake."""
+
     def __init__(self, digest: Digest, why: str) -> None:
-        super().__init__(ErrorCode.DIGEST_INVALID, f"upstream sent bad content for {digest}: {why}")
+        super().__init__(
+            ErrorCode.UNAVAILABLE, f"upstream sent bad content for {digest}: {why}", status=502
+        )
+        self.counted = False  # by the store's digest_mismatches, once
 
 
 class CacheResult:
@@ -220,6 +226,7 @@ class Download:
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, DigestMismatch):
             self.store.digest_mismatches += 1
+            exc.counted = True
             log.error("%s", exc.message)
         self.state = State.FAILED
         self.error = exc

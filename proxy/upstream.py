@@ -197,6 +197,8 @@ class Upstream:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        if metrics is not None:
+            metrics.upstream_bytes.labels(settings.name)  # the series exists before any fetch
         self.download_slots = download_slots
         self.max_blob_size = max_blob_size
         self.name = settings.name
@@ -249,7 +251,11 @@ class Upstream:
         finally:
             response.release()
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        digest = _verify_manifest(self.name, body, reference, response.headers)
+        try:
+            digest = _verify_manifest(self.name, body, reference, response.headers)
+        except UpstreamUnavailable:
+            self._count_error("manifest", "digest_mismatch")
+            raise
         return Manifest(body=body, media_type=media_type, digest=digest)
 
     async def head_manifest(

@@ -1,0 +1,136 @@
+"""Raw HTTP/1.1 for abuse tests: bytes on a socket exactly as given, and a mirror in a thread.
+
+An HTTP client library normalises `..`, `%2e` and header values before sending; these tests need
+the request as written. Hypothesis drives synchronous tests, so the mirror (and its fake
+upstream) runs on an event loop in a background thread, and requests are plain blocking sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+from fakeupstream import FakeUpstreamServer
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.app import create_app
+from proxy.config import Settings, UpstreamSettings
+
+API_VERSION = "Docker-Distribution-API-Version"
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def from_a_handler(self) -> bool:
+        """aiohttp's own parser errors (400/431 before routing) never reach the app's hooks."""
+        return API_VERSION in self.headers
+
+
+def send_raw(port: int, request: bytes, *, timeout: float = 10.0) -> RawResponse:
+    """Send `request` verbatim to 127.0.0.1:port and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return parse_response(b"".join(chunks))
+
+
+def parse_response(raw: bytes) -> RawResponse:
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    assert separator, f"no complete response: {raw[:200]!r}"
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    _, status, *reason = status_line.split(" ", 2)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    if headers.get("Transfer-Encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    return RawResponse(int(status), reason[0] if reason else "", headers, body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    body = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body += data[:size]
+        data = data[size + 2 :]
+    return bytes(body)
+
+
+def build_request(method: str, target: str, headers: list[tuple[str, str]] | None = None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers or []]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class ThreadedMirror:
+    """The mirror app and a fake upstream, served from an event loop in a background thread."""
+
+    root: Path
+    cache_max_size: int = 64 * 1024 * 1024
+    port: int = 0
+    upstream: FakeUpstreamServer = field(default_factory=FakeUpstreamServer)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        await self.upstream.start()
+        settings = Settings(
+            upstreams=(UpstreamSettings("fake", URL(self.upstream.url)),),
+            cache_dir=self.cache_dir,
+            cache_max_size=self.cache_max_size,
+            connect_timeout=2.0,
+            read_timeout=5.0,
+        )
+        self._runner = web.AppRunner(create_app(settings), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.upstream.stop()
