@@ -240,6 +240,18 @@ class Dockerd(_Daemon):
     def docker(self, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> str:
         return run(["docker", *args], env=self.env, timeout=timeout)
 
+    def container_logs(self, container: str) -> str:
+        """A container's stdout and stderr together (`docker logs` splits them as it found them)."""
+        result = subprocess.run(
+            ["docker", "logs", container],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+        return result.stdout + result.stderr
+
 
 CONTAINERD_CONFIG = """\
 version = 2

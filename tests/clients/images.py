@@ -110,6 +110,9 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
 # Debian's merged /usr: these top-level names are symlinks into /usr.
 _MERGED_USR = ("bin", "sbin", "lib", "lib64")
+# Compiled wheels (bcrypt's Rust extension) link libgcc_s, which every Debian base image
+# (python:3.12-slim included) has but no standard-library module needs.
+GCC_RUNTIME = sorted(Path("/usr/lib").glob("*-linux-gnu/libgcc_s.so.1"))
 _SKIP_STDLIB = ("/config-3.", "/test/", "/idlelib/", "/tkinter/", "/turtledemo/", "/lib2to3/")
 
 
@@ -139,7 +142,8 @@ def _python_files(python: Path) -> tuple[str, Iterator[Path]]:
         for path in Path("/usr/share/python-wheels").glob("*.whl"):
             yield path
         extensions = [interpreter, *stdlib.glob("lib-dynload/*.so")]
-        for library in sorted(_shared_libraries(extensions)):
+        libraries = _shared_libraries(extensions) | set(GCC_RUNTIME)
+        for library in sorted(libraries):
             yield library
             yield library.resolve()
         yield Path("/etc/ssl/certs/ca-certificates.crt")

@@ -77,7 +77,7 @@ def wait_until_healthy(dockerd: Dockerd, container: str) -> None:
         status = state.get("Health", {}).get("Status")
         if status == "healthy":
             return
-        assert state["Running"], f"container exited: {state}\n{dockerd.docker('logs', container)}"
+        assert state["Running"], f"container exited: {state}\n{dockerd.container_logs(container)}"
         assert time.monotonic() < deadline, f"not healthy in time: {state}"
         time.sleep(POLL_INTERVAL_SECONDS)  # an external daemon's state: bounded polling
 
