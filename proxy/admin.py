@@ -69,10 +69,11 @@ def install(app: web.Application) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(app: web.Application) -> AsyncIterator[None]:
-    """Resolve pins in the background and, with `admin_listen`, serve the admin API."""
+async def running(app: web.Application, *, listen: bool = True) -> AsyncIterator[None]:
+    """Resolve pins in the background and, with `admin_listen` (and `listen`: only the first
+    of several workers binds the address), serve the admin API."""
     resolver = asyncio.create_task(app[PINS].run(), name="pin resolver")
-    address = app[state.SETTINGS].admin_listen
+    address = app[state.SETTINGS].admin_listen if listen else None
     runner: web.AppRunner | None = None
     try:
         if address is not None:

@@ -18,6 +18,7 @@ from proxy.metrics import HealthMonitor, Metrics
 from proxy.oci import ErrorCode, RegistryError
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
+from proxy.workers import SINGLE, OwnerRelay, Worker, relay_lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,25 @@ def create_app(
     store: BlobStore | None = None,
     tags: TagCache | None = None,
     metrics: Metrics | None = None,
+    worker: Worker = SINGLE,
 ) -> web.Application:
-    """The mirror; tests inject their own upstreams, store, tag cache or metrics registry."""
+    """The mirror; tests inject their own upstreams, store, tag cache or metrics registry.
+
+    `worker` says which of several worker processes this is (see `proxy.workers`): each owns
+    a share of the blobs and of the budget, and the first also runs the admin and metrics
+    listeners.
+    """
     app = web.Application(middlewares=[observability.observe, render_errors])
-    metrics = metrics or Metrics()
+    several = worker.count > 1
+    metrics = metrics or Metrics(multiprocess_dir=worker.metrics_dir if several else None)
     upstreams = upstreams or Upstreams(settings, metrics=metrics)
     store = store or BlobStore(
-        settings.cache_dir, settings.cache_max_size, download_timeout=settings.download_timeout
+        settings.cache_dir,
+        settings.cache_max_size // worker.count,
+        download_timeout=settings.download_timeout,
+        shard=(worker.index, worker.count),
     )
+    relay = OwnerRelay(worker, tls=settings.tls_cert is not None) if several else None
     tags = tags or TagCache.from_settings(settings)
     app[state.SETTINGS] = settings
     app[state.UPSTREAMS] = upstreams
@@ -75,14 +87,21 @@ def create_app(
         settings.auth_htpasswd, settings.auth_tokens_file, settings.access
     )
     app[state.HEALTH] = HealthMonitor(metrics, store.temp_dir)
-    app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout)
+    app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout, relay)
     metrics.watch_store(store)
     app[state.MANIFESTS] = ManifestService(store, tags, settings)
     admin.install(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        async with app[state.HEALTH].running(), _metrics_listener(app), admin.running(app):
+        async with contextlib.AsyncExitStack() as running:
+            await running.enter_async_context(app[state.HEALTH].running())
+            # One admin and one metrics listener, not one per worker.
+            if worker.index == 0:
+                await running.enter_async_context(_metrics_listener(app))
+            await running.enter_async_context(admin.running(app, listen=worker.index == 0))
+            if relay is not None:
+                await running.enter_async_context(relay_lifecycle(relay))
             yield
         await store.close()
         await upstreams.close()

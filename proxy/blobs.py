@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from proxy.blobstore import (
     BlobSource,
@@ -30,10 +32,19 @@ from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
 from proxy.request_keys import BYTES_SENT
 from proxy.upstream import Upstream
+from proxy.workers import RELAY_HEADER, OwnerRelay
 
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
+# What a worker passes on to the blob's owner, and what it passes back.
+RELAYED = ("Range", "If-None-Match", "Authorization", "Accept", "User-Agent")
+RELAYED_BACK = frozenset(
+    {
+        "Content-Type", "Content-Range", "Docker-Content-Digest", "ETag", "Accept-Ranges",
+        "X-Cache", "WWW-Authenticate", "Retry-After",
+    }
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -105,15 +116,24 @@ class Transfer:
 
 
 class BlobService:
-    def __init__(self, store: BlobStore, metrics: Metrics, send_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        metrics: Metrics,
+        send_timeout: float = 300.0,
+        relay: OwnerRelay | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.send_timeout = send_timeout
+        self.relay = relay
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
     ) -> web.StreamResponse:
         await self.store.ensure_verified(digest)
+        if not self.store.owns(digest):
+            return await self._serve_foreign(request, upstream, repository, digest)
         with self.store.open_blob(digest) as cached:
             if cached is not None:
                 fd, size = cached
@@ -134,6 +154,50 @@ class BlobService:
                     if cached is not None:
                         return await self._serve_file(request, digest, cached[0], cached[1], result)
             return await self._serve_download(request, download, opener, result)
+
+    async def _serve_foreign(
+        self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
+    ) -> web.StreamResponse:
+        """A blob another worker owns: from the shared directory when complete, else from the
+        owner, which downloads it once for every worker."""
+        with self.store.open_foreign(digest) as found:
+            if found is not None:
+                return await self._serve_file(request, digest, found[0], found[1], CacheResult.HIT)
+        assert self.relay is not None
+        session = self.relay.session(self.store.owner_of(digest))
+        forwarded = {name: request.headers[name] for name in RELAYED if name in request.headers}
+        url = URL(f"{self.relay.scheme}://worker{request.raw_path}", encoded=True)
+        try:
+            answer = await session.request(
+                request.method, url, headers={**forwarded, RELAY_HEADER: "1"}, ssl=False
+            )
+        except aiohttp.ClientError as exc:
+            # The owner is restarting: this client is served straight from upstream instead.
+            log.warning("worker owning %s unreachable (%s); passing it through", digest, exc)
+
+            async def opener(offset: int) -> BlobSource:
+                return await upstream.open_blob(repository, digest, offset)
+
+            if request.method == "HEAD":
+                return await self._head_upstream(request, upstream, repository, digest)
+            return await self._pass_through(request, digest, opener)
+        try:
+            headers = {k: v for k, v in answer.headers.items() if k in RELAYED_BACK}
+            response = web.StreamResponse(status=answer.status, headers=headers)
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in answer.content.iter_chunked(256 * 1024):
+                    async with asyncio.timeout(self.send_timeout):
+                        await response.write(chunk)
+            except Exception as exc:
+                _abort(request, digest, exc)
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            answer.release()
 
     async def _head_upstream(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest

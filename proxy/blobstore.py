@@ -278,9 +278,19 @@ class Download:
 
 
 class BlobStore:
-    def __init__(self, root: Path, budget: int, *, download_timeout: float = 3600.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        budget: int,
+        *,
+        download_timeout: float = 3600.0,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         self.root = root
         self.budget = budget
+        # Worker `shard[0]` of `shard[1]` sharing the directory: it downloads, accounts for and
+        # evicts only the digests it owns (see `owns`); the others it only reads.
+        self.shard_index, self.shard_count = shard
         self.download_timeout = download_timeout
         self.blobs_dir = root / "blobs"
         self.temp_dir = root / "tmp"
@@ -292,6 +302,7 @@ class BlobStore:
         self.pinned: frozenset[Digest] = frozenset()
         self._downloads: dict[Digest, Download] = {}
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
+        self._foreign_verified: set[Digest] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._deletions: set[asyncio.Task[None]] = set()
         self._eviction_names = itertools.count()
@@ -301,6 +312,14 @@ class BlobStore:
         self.evicted_bytes = 0
 
     # --- paths
+
+    def owner_of(self, digest: Digest) -> int:
+        return int(digest.encoded[:8], 16) % self.shard_count
+
+    def owns(self, digest: Digest) -> bool:
+        """Whether this worker downloads and accounts for `digest`: a fixed split by digest, so
+        workers never race for one blob and their budgets add up to the directory's."""
+        return self.shard_count == 1 or self.owner_of(digest) == self.shard_index
 
     def blob_path(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -348,13 +367,21 @@ class BlobStore:
                         except (RegistryError, OSError):
                             log.warning("ignoring stray file in cache: %s", file.path)
                             continue
-                        if shard.name == digest.encoded[:2] and file.is_file():
+                        if (
+                            shard.name == digest.encoded[:2]
+                            and file.is_file()
+                            and self.owns(digest)
+                        ):
                             entries[digest] = Entry(stat.st_size, stat.st_mtime)
         return entries
 
     def _remove_abandoned_temps(self) -> int:
         removed = 0
         for entry in os.scandir(self.temp_dir):
+            algorithm, _, encoded = entry.name.partition("-")
+            with contextlib.suppress(RegistryError):
+                if not self.owns(Digest.parse(f"{algorithm}:{encoded}")):
+                    continue  # its owner cleans it up
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
@@ -409,9 +436,29 @@ class BlobStore:
             os.close(fd)
             self._release_lease(digest)
 
+    @contextlib.contextmanager
+    def open_foreign(self, digest: Digest) -> Iterator[tuple[int, int] | None]:
+        """A complete blob another worker owns, read straight from its final path (a hit)."""
+        try:
+            fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield None
+            return
+        try:
+            stat = os.fstat(fd)
+            if time.time() - stat.st_mtime > TOUCH_INTERVAL:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)  # recency the owner reads before evicting
+            yield fd, stat.st_size
+        finally:
+            os.close(fd)
+
     async def ensure_verified(self, digest: Digest) -> None:
         """Hash a blob not yet verified by this process before anyone reads it; a corrupt one is
         evicted (and so refetched). Concurrent first reads share one verification."""
+        if not self.owns(digest):
+            await self._verify_foreign(digest)
+            return
         entry = self._entries.get(digest)
         if entry is None or entry.verified:
             return
@@ -432,6 +479,18 @@ class BlobStore:
             log.error("cached %s is corrupt on disk; evicting it", digest)
             self.evict(digest)
 
+    async def _verify_foreign(self, digest: Digest) -> None:
+        path = self.blob_path(digest)
+        if digest in self._foreign_verified or not path.exists():
+            return
+        if await asyncio.to_thread(_hashes_to, path, digest):
+            if len(self._foreign_verified) > 1_000_000:
+                self._foreign_verified.clear()
+            self._foreign_verified.add(digest)
+        else:
+            log.error("cached %s is corrupt on disk; removing it for its owner to refetch", digest)
+            self._delete_later(path)
+
     def read_small(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes | None:
         """A small cached blob's bytes (a manifest), verified, or None."""
         with self.open_blob(digest) as opened:
@@ -450,7 +509,12 @@ class BlobStore:
 
     def put_small(self, digest: Digest, data: bytes) -> None:
         """Store a small verified blob (a manifest) synchronously; failures only log."""
-        if digest in self._entries or not self.writable or len(data) > self.budget:
+        if (
+            digest in self._entries
+            or not self.owns(digest)
+            or not self.writable
+            or len(data) > self.budget
+        ):
             return
         if Digest.of(data, digest.algorithm) != digest:
             raise DigestMismatch(digest, "digest mismatch")
@@ -543,7 +607,8 @@ class BlobStore:
 
         `sizes` gives the size of every pinned digest (from manifest descriptors), cached or not.
         """
-        total = sum(sizes.get(digest, 0) for digest in digests)
+        # With several workers each checks the pins it owns against its share of the budget.
+        total = sum(sizes.get(digest, 0) for digest in digests if self.owns(digest))
         if total > self.budget:
             raise ValueError(
                 f"pinned content is {total} bytes, more than the cache budget of {self.budget}"
@@ -580,10 +645,12 @@ class BlobStore:
         if excess <= 0:
             return True
         victims: list[Digest] = []
-        for digest, entry in self._entries.items():
+        for digest, entry in list(self._entries.items()):
             if excess <= 0:
                 break
             if self._leases.get(digest) or digest in self.pinned:
+                continue
+            if self.shard_count > 1 and self._read_elsewhere(digest, entry):
                 continue
             victims.append(digest)
             excess -= entry.size
@@ -595,6 +662,17 @@ class BlobStore:
             self.evictions += 1
             self.evicted_bytes += size
         return True
+
+    def _read_elsewhere(self, digest: Digest, entry: Entry) -> bool:
+        """Whether another worker served this blob since we last did (it touched the mtime);
+        if so it is as recent as that, and moves to the back of the line."""
+        with contextlib.suppress(OSError):
+            mtime = self.blob_path(digest).stat().st_mtime
+            if mtime > entry.touched + 1:
+                entry.touched = mtime
+                self._entries.move_to_end(digest)
+                return True
+        return False
 
     def _drop(self, digest: Digest) -> None:
         entry = self._entries.pop(digest, None)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -16,6 +18,7 @@ from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.observability import configure_logging
 from proxy.tls import CertificateReloader
+from proxy.workers import SINGLE, Worker, supervise
 
 PROG = "registry-proxy"
 
@@ -91,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-token-file", metavar="FILE", help="bearer token the admin API requires"
     )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes on one port and one cache directory (default 1)",
+    )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the PEM private key for --tls-cert")
     serve.add_argument(
@@ -143,27 +151,47 @@ def serve(settings: Settings) -> int:
         settings.cache_dir,
         settings.cache_max_size,
     )
-    app = create_app(settings)
+    if settings.workers > 1:
+        try:
+            return supervise(
+                settings.workers,
+                settings.cache_dir / "run",
+                (settings.listen_host, settings.listen_port),
+                lambda worker, sock: run_worker(settings, worker, sock),
+            )
+        except OSError as exc:
+            print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    try:
+        return run_worker(settings, SINGLE, None)
+    except OSError as exc:
+        print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def run_worker(settings: Settings, worker: Worker, sock: socket.socket | None) -> int:
+    """One serving process: the only one, or worker `worker.index` on a shared socket."""
+    app = create_app(settings, worker=worker)
     ssl_context = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         reloader = CertificateReloader(settings.tls_cert, settings.tls_key)
         app.cleanup_ctx.append(reloader.lifecycle)
         ssl_context = reloader.context
-    try:
-        web.run_app(
-            app,
-            host=settings.listen_host,
-            port=settings.listen_port,
-            ssl_context=ssl_context,
-            print=None,
-            shutdown_timeout=30,
-            access_log=None,
-            # Passed through to aiohttp's request handler (its HTTP parser limits).
-            max_line_size=settings.max_header_size,
-            max_field_size=settings.max_header_size,
-        )
-    except OSError as exc:
-        print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    where: dict[str, Any] = {"host": settings.listen_host, "port": settings.listen_port}
+    if sock is not None:
+        # The supervisor's socket, plus this worker's own Unix socket for relays from others.
+        where = {"sock": sock, "path": str(worker.socket_path(worker.index))}
+    web.run_app(
+        app,
+        **where,
+        ssl_context=ssl_context,
+        print=None,
+        shutdown_timeout=30,
+        access_log=None,
+        # Passed through to aiohttp's request handler (its HTTP parser limits).
+        max_line_size=settings.max_header_size,
+        max_field_size=settings.max_header_size,
+    )
     return 0

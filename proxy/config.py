@@ -121,6 +121,8 @@ class Settings:
     metrics_listen: tuple[str, int] | None = None
     # Limits: upstream blob downloads at once (all upstreams, and each), the largest blob,
     # how long one chunk may take to reach a client, and the longest request line or header.
+    # Processes serving one port over one cache directory (proxy.workers).
+    workers: int = 1
     max_downloads: int = 64
     max_downloads_per_upstream: int = 32
     max_blob_size: int | None = None
@@ -371,6 +373,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "admin_token_file": _readable_file,
     "pins": _pins,
     "pin_refresh": _positive_duration,
+    "workers": _positive_int,
     "max_downloads": _positive_int,
     "max_downloads_per_upstream": _positive_int,
     "max_blob_size": parse_size,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -38,7 +39,17 @@ UPSTREAM_BUCKETS: Final = (
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """With `multiprocess_dir`, every worker writes its values there (prometheus-client's
+    multiprocess mode) and `/metrics` on any worker shows the sum over all of them."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # Chosen per process, after the fork: values go to mmap files the scrape merges.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiprocess_dir)
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
@@ -90,9 +101,19 @@ class Metrics:
             f"{PREFIX}_event_loop_lag_seconds",
             "How late a 1 s timer last fired: a busy or blocked event loop.",
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz would answer 200.", registry=r)
-        ProcessCollector(registry=r)
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 when /readyz would answer 200.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self._store: BlobStore | None = None
+        self._store_gauges: dict[str, Gauge] = {}
+        self._store_counters: dict[str, tuple[Counter, int]] = {}
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)  # per process; meaningless summed over workers
         # Series exist from the start, so the first burst after a restart is a rate, not a jump
         # from nothing, and "none yet" reads 0 rather than "no data".
         for source in ("cache", "upstream"):
@@ -104,7 +125,68 @@ class Metrics:
             self.blob_first_byte.labels(result)
 
     def watch_store(self, store: BlobStore) -> None:
-        self.registry.register(_StoreCollector(store))
+        if self.multiprocess_dir is None:
+            self.registry.register(_StoreCollector(store))
+            return
+        # Workers each hold a share of the cache: their gauges add up (livesum), and their
+        # counters are advanced from the store's own totals on every health tick and scrape.
+        self._store = store
+        for name, help_text in _STORE_GAUGES.items():
+            self._store_gauges[name] = Gauge(
+                f"{PREFIX}_{name}", help_text, registry=self.registry, multiprocess_mode="livesum"
+            )
+        for name, help_text in _STORE_COUNTERS.items():
+            counter = Counter(f"{PREFIX}_{name}", help_text, registry=self.registry)
+            self._store_counters[name] = (counter, 0)
+        self.sync_store()
+
+    def sync_store(self) -> None:
+        store = self._store
+        if store is None:
+            return
+        stats = store.stats()
+        current = {
+            "cache_size_bytes": stats.size,
+            "cache_reserved_bytes": stats.reserved,
+            "cache_budget_bytes": stats.budget,
+            "cache_entries": stats.entries,
+            "downloads_in_flight": store.downloads_in_flight,
+        }
+        for name, value in current.items():
+            self._store_gauges[name].set(value)
+        totals = {
+            "cache_evictions": store.evictions,
+            "cache_evicted_bytes": store.evicted_bytes,
+            "digest_mismatches": store.digest_mismatches,
+        }
+        for name, total in totals.items():
+            counter, reported = self._store_counters[name]
+            if total > reported:
+                counter.inc(total - reported)
+                self._store_counters[name] = (counter, total)
+
+    def exposition(self) -> CollectorRegistry:
+        """The registry a scrape reads: this process's, or every worker's merged."""
+        self.sync_store()
+        if self.multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return merged
+
+
+_STORE_GAUGES: Final = {
+    "cache_size_bytes": "Bytes of complete blobs in the cache.",
+    "cache_reserved_bytes": "Bytes reserved by downloads in flight (count against the budget).",
+    "cache_budget_bytes": "The cache's byte budget.",
+    "cache_entries": "Blobs and manifests in the cache.",
+    "downloads_in_flight": "Upstream blob downloads into the cache in progress.",
+}
+_STORE_COUNTERS: Final = {
+    "cache_evictions": "Blobs evicted to make room.",
+    "cache_evicted_bytes": "Bytes evicted to make room.",
+    "digest_mismatches": "Upstream bodies that did not match their digest (never served).",
+}
 
 
 class _StoreCollector(Collector):
@@ -185,6 +267,7 @@ class HealthMonitor:
             await asyncio.sleep(self.interval)
             self.lag = max(0.0, loop.time() - expected)
             self._metrics.loop_lag.set(self.lag)
+            self._metrics.sync_store()
             self._metrics.ready.set(1 if self.ready else 0)
 
     @contextlib.asynccontextmanager

@@ -16,6 +16,7 @@ from proxy import state
 from proxy.metrics import MAX_LOOP_LAG
 from proxy.request_keys import BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
 from proxy.traffic import TRAFFIC
+from proxy.workers import is_relayed
 
 access_log = logging.getLogger("registry_proxy.access")
 
@@ -29,6 +30,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request, count it, and write one access log line, errors included."""
     started = time.monotonic()
     response: web.StreamResponse | None = None
+    if is_relayed(request):
+        return await handler(request)  # measured and logged by the worker the client talks to
     try:
         response = await handler(request)
         return response
@@ -89,7 +92,7 @@ def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> in
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     request[ROUTE] = "metrics"
-    body = generate_latest(request.app[state.METRICS].registry)
+    body = generate_latest(request.app[state.METRICS].exposition())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -1,0 +1,152 @@
+"""Several worker processes on one port and one cache directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from fakeupstream import FakeUpstreamServer, Gate
+from integration.registry import Mirror
+
+WORKERS = 2
+
+
+def any_alive(pids: set[int]) -> bool:
+    return any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+    return {int(pid) for pid in children.read_text().split()}
+
+
+@contextlib.asynccontextmanager
+async def started(mirror: Mirror) -> AsyncIterator[Mirror]:
+    await asyncio.to_thread(mirror.start)
+    try:
+        yield mirror
+    finally:
+        await asyncio.to_thread(mirror.stop)
+
+
+async def wait_for_workers(mirror: Mirror, pid: int, expected: int = WORKERS) -> set[int]:
+    """The supervisor forks its workers; poll /proc (another process, no event to await)."""
+    sockets = [mirror.cache_dir / "run" / f"worker-{i}.sock" for i in range(expected)]
+    deadline = time.monotonic() + 20
+    while True:
+        pids = worker_pids(pid)
+        if len(pids) == expected and all(path.exists() for path in sockets):
+            return pids
+        assert time.monotonic() < deadline, f"workers did not start: {pids}"
+        await asyncio.sleep(0.05)
+
+
+def unix_session(mirror: Mirror, index: int) -> aiohttp.ClientSession:
+    path = mirror.cache_dir / "run" / f"worker-{index}.sock"
+    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
+
+
+async def test_a_herd_spread_over_every_worker_makes_one_upstream_download(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    digest = fake_upstream.registry.add_blob(data)
+    gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=512 * 1024)
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror):
+        assert mirror._proc is not None
+        await wait_for_workers(mirror, mirror._proc.pid)
+        # Each worker's own socket, so the herd provably reaches both of them.
+        sessions = [unix_session(mirror, i) for i in range(WORKERS)]
+        first_bytes = [asyncio.Event() for _ in range(50)]
+
+        async def pull(session: aiohttp.ClientSession, got_first: asyncio.Event) -> bytes:
+            async with session.get(f"http://mirror/v2/team/app/blobs/{digest}") as response:
+                assert response.status == 200
+                body = bytearray(await response.content.readany())
+                got_first.set()
+                return bytes(body + await response.read())
+
+        try:
+            pulls = [
+                asyncio.create_task(pull(sessions[n % WORKERS], event))
+                for n, event in enumerate(first_bytes)
+            ]
+            await gate.reached.wait()
+            # Upstream is held half way, and clients of every worker already have bytes.
+            await asyncio.gather(*(event.wait() for event in first_bytes))
+            gate.release.set()
+            bodies = await asyncio.gather(*pulls)
+        finally:
+            for session in sessions:
+                await session.close()
+        assert all(hashlib.sha256(body).hexdigest() == digest[7:] for body in bodies)
+        assert fake_upstream.registry.count("GET", path_contains=digest) == 1
+        assert gate.hits == 1
+
+        async with aiohttp.ClientSession() as client:
+            hit = await client.get(f"{mirror.url}/v2/team/app/blobs/{digest}")
+            assert hit.headers["X-Cache"] == "HIT"
+            assert await hit.read() == data
+            metrics = await (await client.get(f"{mirror.url}/metrics")).text()
+        # Every worker's requests and its share of the budget add up on one /metrics.
+        assert "registry_proxy_cache_budget_bytes 1.073741824e+09" in metrics
+        served = [
+            line for line in metrics.splitlines()
+            if line.startswith('registry_proxy_served_bytes_total{source="upstream"}')
+        ]  # fmt: skip
+        assert float(served[0].split()[-1]) == 50 * len(data)
+
+
+async def test_a_crashed_worker_is_restarted_and_the_mirror_keeps_serving(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    data = os.urandom(100_000)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    digest = fake_upstream.registry.add_blob(data)
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror):
+        assert mirror._proc is not None
+        supervisor = mirror._proc.pid
+        before = await wait_for_workers(mirror, supervisor)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:  # the supervisor notices and forks a replacement
+            after = worker_pids(supervisor)
+            if len(after) == WORKERS and victim not in after:
+                break
+            assert time.monotonic() < deadline, f"worker not restarted: {after}"
+            await asyncio.sleep(0.05)
+        await wait_for_workers(mirror, supervisor)
+        async with aiohttp.ClientSession() as client:
+            for _ in range(10):
+                response = await client.get(f"{mirror.url}/v2/team/app/blobs/{digest}")
+                assert response.status == 200
+                assert await response.read() == data
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+async def test_no_worker_outlives_its_supervisor(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path, signum: int
+) -> None:
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    await asyncio.to_thread(mirror.start)
+    assert mirror._proc is not None
+    workers = await wait_for_workers(mirror, mirror._proc.pid)
+    mirror._proc.send_signal(signum)
+    await asyncio.to_thread(mirror._proc.wait, 30)
+    deadline = time.monotonic() + 30
+    while any_alive(workers):  # reaped by init once gone
+        assert time.monotonic() < deadline, "workers survived their supervisor"
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(mirror.stop)
