@@ -32,7 +32,9 @@ from integration.registry import (
     free_port,
 )
 
-PEERS = ("ours", "distribution", "nginx")
+PEERS = ("ours", "distribution", "nginx", "ours-2w")
+# Our own variants are measured beside the peers, never counted as a peer to beat.
+OURS = frozenset({"ours", "ours-2w"})
 
 
 class Peer(ABC):
@@ -61,8 +63,8 @@ class Peer(ABC):
 
 
 class _BenchMirror(Mirror):
-    def __init__(self, workdir: Path, upstream: str, source: Path | None) -> None:
-        super().__init__(workdir, upstream)
+    def __init__(self, workdir: Path, upstream: str, source: Path | None, *extra_args: str) -> None:
+        super().__init__(workdir, upstream, *extra_args)
         self.source = source
 
     def command(self) -> list[str]:
@@ -83,9 +85,12 @@ class _BenchMirror(Mirror):
 class Ours(Peer):
     name = "ours"
 
-    def __init__(self, workdir: Path, upstream: str, source: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, upstream: str, source: Path | None = None, workers: int = 1
+    ) -> None:
         super().__init__(workdir, upstream)
-        self.mirror = _BenchMirror(workdir, upstream, source)
+        self.name = "ours" if workers == 1 else f"ours-{workers}w"
+        self.mirror = _BenchMirror(workdir, upstream, source, "--workers", str(workers))
 
     @property
     def url(self) -> str:
@@ -98,10 +103,7 @@ class Ours(Peer):
         self.mirror.stop()
 
     def main_pid(self) -> int:
-        # The harness keeps its Popen private; the pid is only read, never signalled here.
-        proc: subprocess.Popen[bytes] | None = self.mirror._proc
-        assert proc is not None
-        return proc.pid
+        return self.mirror.pid
 
 
 class DistributionProxy(Peer):
@@ -242,6 +244,8 @@ class Nginx(Peer):
 def make_peer(name: str, workdir: Path, upstream: str, ours_source: Path | None) -> Peer:
     if name == "ours":
         return Ours(workdir / name, upstream, ours_source)
+    if name == "ours-2w":
+        return Ours(workdir / name, upstream, ours_source, workers=2)
     classes: dict[str, type[Peer]] = {"distribution": DistributionProxy, "nginx": Nginx}
     return classes[name](workdir / name, upstream)
 

@@ -191,7 +191,7 @@ def _cell(value: float | None, digits: int) -> str:
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     mirrors: list[str] = meta["mirrors"]
-    peers = [m for m in mirrors if m != "ours"]
+    peers = [m for m in mirrors if not m.startswith("ours")]
     columns = [*mirrors, DIRECT]
     table = {
         scenario: {

@@ -22,7 +22,7 @@ from integration.registry import Distribution
 
 from bench import REPO_ROOT, scenarios
 from bench.images import Sizes, push_fixtures
-from bench.peers import PEERS, Peer, interrupt_safe_stop, make_peer, snapshot_ours
+from bench.peers import OURS, PEERS, Peer, interrupt_safe_stop, make_peer, snapshot_ours
 from bench.relay import Relay
 from bench.report import SCENARIOS, Samples, build, markdown
 
@@ -198,7 +198,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 1),
         "ours_version": version,
     }
-    return build(samples, meta, [m for m in args.mirrors if m != "ours"])
+    return build(samples, meta, [m for m in args.mirrors if m not in OURS])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from proxy.config import Settings
 from proxy.manifests import ManifestService
 from proxy.metrics import HealthMonitor, Metrics
 from proxy.oci import ErrorCode, RegistryError
+from proxy.passthrough import UpstreamAccessCheck
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 from proxy.workers import SINGLE, OwnerRelay, Worker, relay_lifecycle
@@ -86,6 +87,7 @@ def create_app(
     app[state.ACCESS] = AccessControl.from_files(
         settings.auth_htpasswd, settings.auth_tokens_file, settings.access
     )
+    app[state.PASSTHROUGH] = UpstreamAccessCheck()
     app[state.HEALTH] = HealthMonitor(metrics, store.temp_dir)
     app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout, relay)
     metrics.watch_store(store)

@@ -84,6 +84,9 @@ class UpstreamSettings:
     # Checked before the global rules; None falls back to the global `tag_ttl`.
     tag_ttls: tuple[TagTtl, ...] = ()
     tag_ttl: float | None = None
+    # Hold no credentials: use each client's own, and serve cached content of this upstream only
+    # to clients the upstream accepts for that repository (proxy.access.UpstreamAccessCheck).
+    pass_client_credentials: bool = False
 
     @property
     def is_docker_hub(self) -> bool:
@@ -385,7 +388,16 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "auth_tokens_file": _tokens_file,
 }
 _UPSTREAM_KEYS: Final = frozenset(
-    {"name", "url", "username", "password", "password_file", "tag_ttl", "tag_ttls"}
+    {
+        "name",
+        "url",
+        "username",
+        "password",
+        "password_file",
+        "tag_ttl",
+        "tag_ttls",
+        "pass_client_credentials",
+    }
 )
 
 
@@ -507,6 +519,11 @@ def _upstream_from_table(index: int, table: Any) -> UpstreamSettings:
         username=table.get("username"),
         password=Secret(password) if password else None,
         tag_ttls=_tag_ttls(f"{where}.tag_ttls", table.get("tag_ttls", [])),
+        pass_client_credentials=_parse(
+            f"{where}.pass_client_credentials",
+            _boolean,
+            table.get("pass_client_credentials", False),
+        ),
         tag_ttl=None
         if tag_ttl is None
         else _parse(f"{where}.tag_ttl", _positive_duration, tag_ttl),

@@ -10,7 +10,7 @@ from aiohttp import web
 from proxy import request_keys, state
 from proxy.oci import ApiPath, Digest, ErrorCode, RegistryError, parse_api_path
 from proxy.routing import is_registry_host
-from proxy.upstream import Upstream
+from proxy.upstream import CLIENT_CREDENTIALS, Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -35,6 +35,19 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
     if api.repository is not None:
         access.authorize(identity, upstream.name, api.repository.name)
+    if api.repository is not None and upstream.settings.pass_client_credentials:
+        credentials = request.headers.get("Authorization")
+        # Set for this request's task and everything it starts (a download in its name).
+        scope = CLIENT_CREDENTIALS.set(credentials)
+        try:
+            await request.app[state.PASSTHROUGH].check(upstream, api, credentials)
+            return await _dispatch(request, upstream, api)
+        finally:
+            CLIENT_CREDENTIALS.reset(scope)
+    return await _dispatch(request, upstream, api)
+
+
+async def _dispatch(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     if api.endpoint == "manifest":
         return await _manifest(request, upstream, api)
     if api.endpoint == "blob":

@@ -10,6 +10,7 @@ from proxy.blobstore import BlobStore
 from proxy.config import Settings
 from proxy.manifests import ManifestService
 from proxy.metrics import HealthMonitor, Metrics
+from proxy.passthrough import UpstreamAccessCheck
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 
@@ -20,5 +21,6 @@ TAGS = web.AppKey("tags", TagCache)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 ACCESS = web.AppKey("access", AccessControl)
+PASSTHROUGH = web.AppKey("passthrough", UpstreamAccessCheck)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", HealthMonitor)

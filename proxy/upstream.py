@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -175,6 +177,11 @@ class CircuitBreaker:
             self.open_until = time.monotonic() + self.cooldown
 
 
+# The client's own `Authorization` header, for upstreams that pass client credentials on. A
+# context variable, so a download started for a request carries that request's credentials.
+CLIENT_CREDENTIALS: ContextVar[str | None] = ContextVar("client_credentials", default=None)
+
+
 @dataclass(slots=True)
 class _Token:
     value: str
@@ -242,14 +249,8 @@ class Upstream:
         self, repository: Repository, reference: Reference, accept: list[str]
     ) -> Manifest:
         path = f"{self.remote_name(repository)}/manifests/{reference}"
-        response = await self._send("GET", path, repository, {"Accept": ", ".join(accept)})
-        try:
-            self._raise_for_status(response, ErrorCode.MANIFEST_UNKNOWN)
-            body = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.name, f"manifest transfer broke: {exc}") from exc
-        finally:
-            response.release()
+        headers = {"Accept": ", ".join(accept)}
+        body, response = await self._read(path, repository, headers, ErrorCode.MANIFEST_UNKNOWN)
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         try:
             digest = _verify_manifest(self.name, body, reference, response.headers)
@@ -312,15 +313,24 @@ class Upstream:
     ) -> tuple[bytes, str]:
         """The referrers index (OCI 1.1) as the upstream sent it, and its content type."""
         path = f"{self.remote_name(repository)}/referrers/{digest}" + (f"?{query}" if query else "")
-        response = await self._send("GET", path, repository, {})
-        try:
-            self._raise_for_status(response, ErrorCode.MANIFEST_UNKNOWN)
-            body = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.name, f"referrers transfer broke: {exc}") from exc
-        finally:
-            response.release()
+        body, response = await self._read(path, repository, {}, ErrorCode.MANIFEST_UNKNOWN)
         return body, response.headers.get("Content-Type", MediaType.OCI_INDEX)
+
+    async def readable(self, repository: Repository, path: str) -> bool:
+        """Whether the current credentials may read `path` (a HEAD, so not a Docker Hub pull).
+
+        A 404 counts as readable: the credentials were accepted and the content is not there,
+        which the request itself will then report.
+        """
+        response = await self._send(
+            "HEAD", f"{self.remote_name(repository)}/{path}", repository, {}
+        )
+        response.release()
+        if response.status in (401, 403):
+            return False
+        if response.status >= 500 or response.status == 429:
+            self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
+        return True
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int:
         path = f"{self.remote_name(repository)}/blobs/{digest}"
@@ -335,18 +345,25 @@ class Upstream:
         """The tag list body and the `Link` header, rewritten to the client's name."""
         remote = self.remote_name(repository)
         path = f"{remote}/tags/list" + (f"?{query}" if query else "")
-        response = await self._send("GET", path, repository, {})
-        try:
-            self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
-            body = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.name, f"tag list transfer broke: {exc}") from exc
-        finally:
-            response.release()
+        body, response = await self._read(path, repository, {}, ErrorCode.NAME_UNKNOWN)
         link = response.headers.get("Link")
         if link is not None and remote != repository.name:
             link = link.replace(f"/v2/{remote}/", f"/v2/{repository.name}/")
         return body, link
+
+    async def _read(
+        self, path: str, repository: Repository, headers: Mapping[str, str], not_found: ErrorCode
+    ) -> tuple[bytes, aiohttp.ClientResponse]:
+        """GET a small document whole (a manifest, a tag list, a referrers index)."""
+        response = await self._send("GET", path, repository, headers)
+        try:
+            self._raise_for_status(response, not_found)
+            body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(self.name, f"transfer of {path} broke: {exc}") from exc
+        finally:
+            response.release()
+        return body, response
 
     async def _send(
         self, method: str, path: str, repository: Repository | None, headers: Mapping[str, str]
@@ -432,19 +449,28 @@ class Upstream:
             return self._basic_auth()
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
-        key = scope or ""
+        key = f"{self._credentials_id()}|{scope or ''}"
         token = self._tokens.get(key)
         if token is not None and not refresh and token.expires > time.monotonic():
             return f"Bearer {token.value}"
         # One token request per scope at a time: a herd of misses shares it.
         pending = self._token_fetches.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch_token(challenge, scope))
+            pending = asyncio.ensure_future(self._fetch_token(challenge, scope, key))
             self._token_fetches[key] = pending
             pending.add_done_callback(lambda _: self._token_fetches.pop(key, None))
         return f"Bearer {await asyncio.shield(pending)}"
 
-    async def _fetch_token(self, challenge: Challenge, scope: str | None) -> str:
+    def _credentials_id(self) -> str:
+        """Whose tokens these are: ours, or (passing client credentials) this client's."""
+        if not self.settings.pass_client_credentials:
+            return ""
+        credentials = CLIENT_CREDENTIALS.get()
+        if credentials is None:
+            return "anonymous"
+        return hashlib.sha256(credentials.encode()).hexdigest()[:32]
+
+    async def _fetch_token(self, challenge: Challenge, scope: str | None, key: str) -> str:
         query = {"service": challenge.params.get("service", "")}
         if scope:
             query["scope"] = scope
@@ -483,10 +509,13 @@ class Upstream:
         if not isinstance(lifetime, int | float) or lifetime <= 0:
             lifetime = DEFAULT_TOKEN_LIFETIME
         # Renew a little early so a token never expires in flight.
-        self._tokens[scope or ""] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
+        self._tokens[key] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
         return value
 
     def _basic_auth(self) -> str | None:
+        if self.settings.pass_client_credentials:
+            client = CLIENT_CREDENTIALS.get()
+            return client if client and client.lower().startswith("basic ") else None
         username, password = self.settings.username, self.settings.password
         if username is None or password is None:
             return None

@@ -116,3 +116,56 @@ def test_access_rules_and_bad_auth_files_are_checked_at_start_up(tmp_path: Path)
     plain.write_text("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     with pytest.raises(ConfigError, match="auth_htpasswd"):
         load_settings(environ={}, flags={"auth_htpasswd": str(plain)})
+
+
+async def test_with_client_credentials_passed_on_the_cache_serves_only_whom_upstream_accepts(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+) -> None:
+    registry = fake_upstream.registry
+    registry.auth = "bearer"
+    registry.users = {"alice": "wonderland", "bob": "builder"}
+    registry.private_repos = {"corp/app"}
+    secret = registry.add_image("corp/app", "1.0", [b"private layer"])
+    public = registry.add_image("lib/tool", "1.0", [b"public layer"])
+    upstream = UpstreamSettings("fake", URL(fake_upstream.url), pass_client_credentials=True)
+    client = await mirror(upstreams=(upstream,))
+    blob = f"/v2/corp/app/blobs/{secret.layer_digests[0]}"
+
+    anonymous = await client.get("/v2/corp/app/manifests/1.0")
+    assert anonymous.status == 401
+    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="registry-proxy"'
+
+    alice = basic("alice", "wonderland")
+    for path in ("/v2/corp/app/manifests/1.0", blob):
+        response = await client.get(path, headers=alice)
+        assert response.status == 200, path
+    assert await (await client.get(blob, headers=alice)).read() == b"private layer"
+    fetched = registry.count("GET", path_contains=secret.layer_digests[0])
+
+    # Now cached, yet still refused to those the upstream refuses.
+    assert (await client.get(blob)).status == 401
+    assert (await client.get(blob, headers=basic("alice", "wrong"))).status in (401, 403)
+    assert registry.count("GET", path_contains=secret.layer_digests[0]) == fetched
+    # Public content needs no credentials.
+    open_pull = await client.get("/v2/lib/tool/manifests/1.0")
+    assert open_pull.status == 200
+    assert await open_pull.read() == public.manifest_bytes
+
+
+async def test_an_access_decision_is_remembered_briefly_not_asked_on_every_request(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+) -> None:
+    registry = fake_upstream.registry
+    registry.auth = "bearer"
+    registry.users = {"alice": "wonderland"}
+    registry.private_repos = {"corp/app"}
+    image = registry.add_image("corp/app", "1.0", [b"a", b"b", b"c"])
+    upstream = UpstreamSettings("fake", URL(fake_upstream.url), pass_client_credentials=True)
+    client = await mirror(upstreams=(upstream,))
+    alice = basic("alice", "wonderland")
+    for digest in image.layer_digests:
+        assert (await client.get(f"/v2/corp/app/blobs/{digest}", headers=alice)).status == 200
+    probes = registry.count("HEAD")
+    for digest in image.layer_digests:
+        assert (await client.get(f"/v2/corp/app/blobs/{digest}", headers=alice)).status == 200
+    assert registry.count("HEAD") == probes

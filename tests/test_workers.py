@@ -63,8 +63,7 @@ async def test_a_herd_spread_over_every_worker_makes_one_upstream_download(
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=512 * 1024)
     mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
     async with started(mirror):
-        assert mirror._proc is not None
-        await wait_for_workers(mirror, mirror._proc.pid)
+        await wait_for_workers(mirror, mirror.pid)
         # Each worker's own socket, so the herd provably reaches both of them.
         sessions = [unix_session(mirror, i) for i in range(WORKERS)]
         first_bytes = [asyncio.Event() for _ in range(50)]
@@ -115,8 +114,7 @@ async def test_a_crashed_worker_is_restarted_and_the_mirror_keeps_serving(
     digest = fake_upstream.registry.add_blob(data)
     mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
     async with started(mirror):
-        assert mirror._proc is not None
-        supervisor = mirror._proc.pid
+        supervisor = mirror.pid
         before = await wait_for_workers(mirror, supervisor)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
@@ -141,10 +139,9 @@ async def test_no_worker_outlives_its_supervisor(
 ) -> None:
     mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
     await asyncio.to_thread(mirror.start)
-    assert mirror._proc is not None
-    workers = await wait_for_workers(mirror, mirror._proc.pid)
-    mirror._proc.send_signal(signum)
-    await asyncio.to_thread(mirror._proc.wait, 30)
+    workers = await wait_for_workers(mirror, mirror.pid)
+    mirror.signal(signum)
+    await asyncio.to_thread(mirror.wait, 30)
     deadline = time.monotonic() + 30
     while any_alive(workers):  # reaped by init once gone
         assert time.monotonic() < deadline, "workers survived their supervisor"

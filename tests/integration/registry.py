@@ -515,6 +515,21 @@ class Mirror:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("Mirror is not running")
+        return self._proc.pid
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the mirror's (supervisor) process, as an operator or a crash would."""
+        if self._proc is not None:
+            self._proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self._proc is not None
+        return self._proc.wait(timeout)
+
     def command(self) -> list[str]:
         return [
             sys.executable,
