@@ -26,6 +26,7 @@ from proxy.blobstore import (
     Download,
     Opener,
     State,
+    hashes_to,
 )
 from proxy.metrics import Metrics
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
@@ -127,6 +128,8 @@ class BlobService:
         self.metrics = metrics
         self.send_timeout = send_timeout
         self.relay = relay
+        # Blobs other workers own that their owner has verified since this worker started.
+        self._foreign_verified: set[Digest] = set()
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
@@ -160,13 +163,13 @@ class BlobService:
     ) -> web.StreamResponse:
         """A blob another worker owns: from the shared directory when complete, else from the
         owner, which downloads it once for every worker."""
-        with self.store.open_foreign(digest) as found:
-            if found is not None:
-                return await self._serve_file(request, digest, found[0], found[1], CacheResult.HIT)
         assert self.relay is not None
         session = self.relay.session(self.store.owner_of(digest))
         forwarded = {name: request.headers[name] for name in RELAYED if name in request.headers}
         url = URL(f"{self.relay.scheme}://worker{request.raw_path}", encoded=True)
+        with self.store.open_foreign(digest) as found:
+            if found is not None and await self._owner_vouches(session, url, digest):
+                return await self._serve_file(request, digest, found[0], found[1], CacheResult.HIT)
         try:
             answer = await session.request(
                 request.method, url, headers={**forwarded, RELAY_HEADER: "1"}, ssl=False
@@ -198,6 +201,26 @@ class BlobService:
             return response
         finally:
             answer.release()
+
+    async def _owner_vouches(
+        self, session: aiohttp.ClientSession, url: URL, digest: Digest
+    ) -> bool:
+        """Whether a complete file another worker owns may be served: its owner hashes it on
+        its first read after a start (once for every worker), and a HEAD asks it to."""
+        if digest in self._foreign_verified:
+            return True
+        try:
+            async with session.head(url, headers={RELAY_HEADER: "1"}, ssl=False) as answer:
+                vouched = answer.status == 200 and answer.headers.get("X-Cache") == "HIT"
+        except aiohttp.ClientError:
+            # The owner is restarting: hash it here rather than serve it unchecked.
+            path = self.store.blob_path(digest)
+            vouched = await asyncio.to_thread(hashes_to, path, digest)
+        if vouched:
+            if len(self._foreign_verified) > 1_000_000:
+                self._foreign_verified.clear()
+            self._foreign_verified.add(digest)
+        return vouched
 
     async def _head_upstream(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest

@@ -302,7 +302,6 @@ class BlobStore:
         self.pinned: frozenset[Digest] = frozenset()
         self._downloads: dict[Digest, Download] = {}
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
-        self._foreign_verified: set[Digest] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._deletions: set[asyncio.Task[None]] = set()
         self._eviction_names = itertools.count()
@@ -455,17 +454,15 @@ class BlobStore:
 
     async def ensure_verified(self, digest: Digest) -> None:
         """Hash a blob not yet verified by this process before anyone reads it; a corrupt one is
-        evicted (and so refetched). Concurrent first reads share one verification."""
-        if not self.owns(digest):
-            await self._verify_foreign(digest)
-            return
+        evicted (and so refetched). Concurrent first reads share one verification. Only for
+        blobs this worker owns: the others ask their owner (`BlobService._serve_foreign`)."""
         entry = self._entries.get(digest)
         if entry is None or entry.verified:
             return
         pending = self._verifications.get(digest)
         if pending is None:
             pending = asyncio.ensure_future(
-                asyncio.to_thread(_hashes_to, self.blob_path(digest), digest)
+                asyncio.to_thread(hashes_to, self.blob_path(digest), digest)
             )
             self._verifications[digest] = pending
             pending.add_done_callback(lambda _: self._verifications.pop(digest, None))
@@ -478,18 +475,6 @@ class BlobStore:
         else:
             log.error("cached %s is corrupt on disk; evicting it", digest)
             self.evict(digest)
-
-    async def _verify_foreign(self, digest: Digest) -> None:
-        path = self.blob_path(digest)
-        if digest in self._foreign_verified or not path.exists():
-            return
-        if await asyncio.to_thread(_hashes_to, path, digest):
-            if len(self._foreign_verified) > 1_000_000:
-                self._foreign_verified.clear()
-            self._foreign_verified.add(digest)
-        else:
-            log.error("cached %s is corrupt on disk; removing it for its owner to refetch", digest)
-            self._delete_later(path)
 
     def read_small(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes | None:
         """A small cached blob's bytes (a manifest), verified, or None."""
@@ -619,7 +604,7 @@ class BlobStore:
         """Re-hash every cached blob off the loop; corrupt ones are evicted and returned."""
         corrupt: list[Digest] = []
         for digest in list(self._entries):
-            if not await asyncio.to_thread(_hashes_to, self.blob_path(digest), digest):
+            if not await asyncio.to_thread(hashes_to, self.blob_path(digest), digest):
                 log.error("cached %s is corrupt or missing on disk; evicting it", digest)
                 self.evict(digest)
                 corrupt.append(digest)
@@ -697,7 +682,7 @@ class BlobStore:
         task.add_done_callback(self._deletions.discard)
 
 
-def _hashes_to(path: Path, digest: Digest) -> bool:
+def hashes_to(path: Path, digest: Digest) -> bool:
     hasher = digest.hasher()
     try:
         with path.open("rb") as file:

@@ -147,3 +147,34 @@ async def test_no_worker_outlives_its_supervisor(
         assert time.monotonic() < deadline, "workers survived their supervisor"
         await asyncio.sleep(0.05)
     await asyncio.to_thread(mirror.stop)
+
+
+async def test_a_blob_corrupted_while_stopped_is_never_served_by_any_worker(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    data = os.urandom(300_000)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    digest = fake_upstream.registry.add_blob(data)
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror), aiohttp.ClientSession() as client:
+        response = await client.get(f"{mirror.url}/v2/team/app/blobs/{digest}")
+        assert await response.read() == data
+    final = mirror.cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    damaged = bytearray(final.read_bytes())
+    damaged[123_456] ^= 0x04
+    final.write_bytes(bytes(damaged))
+
+    async with started(mirror):
+        await wait_for_workers(mirror, mirror.pid)
+        owner = int(digest[7:15], 16) % WORKERS  # as BlobStore.owner_of splits digests
+        # The other worker first: it must ask the owner, which finds the damage.
+        order = [(owner + 1) % WORKERS, owner]
+        sessions = [unix_session(mirror, i) for i in order]
+        try:
+            for session in sessions:
+                async with session.get(f"http://mirror/v2/team/app/blobs/{digest}") as response:
+                    assert await response.read() == data
+        finally:
+            for session in sessions:
+                await session.close()
+    assert final.read_bytes() == data  # refetched, verified, in place again
