@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS: Final = 5
 # Docker Hub documents a 60 s lifetime when the token response has no expires_in.
 DEFAULT_TOKEN_LIFETIME: Final = 60.0
-CHUNK_SIZE: Final = 256 * 1024
+READ_BUFFER: Final = 4 * 1024 * 1024
 
 
 class UpstreamError(RegistryError):
@@ -107,7 +107,9 @@ class BlobStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+            # Whatever has arrived: small pieces on a slow link (followers get bytes at once),
+            # large ones on a fast link (less per-chunk work); `read_bufsize` caps them.
+            async for chunk in self._response.content.iter_any():
                 if self._fetched is not None:
                     self._fetched.inc(len(chunk))
                 yield chunk
@@ -231,6 +233,7 @@ class Upstream:
         return aiohttp.ClientSession(
             timeout=self._timeout,
             auto_decompress=False,  # blobs must arrive byte-exact, whatever the encoding
+            read_bufsize=READ_BUFFER,
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             headers={"User-Agent": "registry-proxy"},
         )
