@@ -8,8 +8,11 @@ Layout under the cache directory::
     |       +-- ab/
     |           +-- abcdef0123...       complete and verified; the name is the hex digest
     +-- tmp/
-        +-- sha256-abcdef0123...        a download in progress, flock()ed by its writer
-        +-- evicted-<n>                 a blob being deleted, off the loop
+    |   +-- sha256-abcdef0123...        a download in progress, flock()ed by its writer
+    |   +-- sha256-abcdef0123....N.small  a manifest being written (renamed at once)
+    |   +-- evicted-<pid>-<n>           a blob being deleted, off the loop
+    |   +-- .ready-XXXXXXXX             readiness's write probe, gone within milliseconds
+    +-- run/                            with --workers: Unix sockets, metrics files (workers.py)
 
 Invariants:
 

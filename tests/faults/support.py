@@ -36,6 +36,9 @@ REPOSITORY: Final = "team/app"  # the repository the fault cases pull from
 
 _HEX64: Final = re.compile(r"[a-f0-9]{64}")
 _TEMP_NAME: Final = re.compile(r"sha256-[a-f0-9]{64}(?:\.[0-9]+\.small)?|evicted-[0-9]+-[0-9]+")
+# The readiness check's write probe (layout in proxy/blobstore.py): it comes and goes every few
+# seconds, so an audit of a running mirror may catch it; it is neither a download nor junk.
+_READY_PROBE: Final = re.compile(r"\.ready-[a-z0-9_]+")
 # Every code the OCI distribution spec defines, plus Distribution's UNAVAILABLE and UNKNOWN.
 OCI_ERROR_CODES: Final = frozenset(
     {
@@ -84,7 +87,7 @@ def audit_cache(cache_dir: Path, *, junk: Collection[Path] = ()) -> CacheAudit:
             _audit_blobs(entry, planted, audit)
         elif entry.name == "tmp" and entry.is_dir() and not entry.is_symlink():
             for temp in sorted(entry.iterdir()):
-                if temp.resolve() in planted:
+                if temp.resolve() in planted or _READY_PROBE.fullmatch(temp.name):
                     continue
                 if _TEMP_NAME.fullmatch(temp.name) and temp.is_file() and not temp.is_symlink():
                     audit.temp.append(temp.name)
