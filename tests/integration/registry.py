@@ -149,22 +149,106 @@ def _tail(path: Path, limit: int = 8000) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class Distribution:
+class Service:
+    """A server process the tests start and own: its output in a log file, ready once it
+    answers on its port, stopped (SIGTERM, then SIGKILL) by its own handle only."""
+
+    name = "service"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def _spawn(self, command: list[str], *, cwd: Path | None = None, append: bool = False) -> None:
+        """Start `command` and wait until `GET /` on its port answers (or fail with its log)."""
+        self._output = self.log_path.open("ab" if append else "wb")
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+        )
+        try:
+            _wait_until_ready(self._proc, self.port, (200,), self.name, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL."""
+        if self._proc is not None:
+            _stop_process(self._proc)
+        self._close_output()
+
+    def kill(self) -> None:
+        """SIGKILL at once (a crash), then reap."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_GRACE_SECONDS)
+        self._close_output()
+
+    def signal(self, signum: int) -> None:
+        """Send a signal, as an operator or a crash would."""
+        if self._proc is not None:
+            self._proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self._proc is not None
+        return self._proc.wait(timeout)
+
+    def _close_output(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def log_text(self) -> str:
+        return _tail(self.log_path, limit=1_000_000)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Distribution(Service):
     """The reference registry (``docker-registry serve``) on 127.0.0.1, storage under ``workdir``.
 
     ``proxy_remote_url`` turns it into a pull-through cache of that URL (for benchmarks against a
     peer). Use as a context manager or call :meth:`start` and :meth:`stop`.
     """
 
+    name = "docker-registry"
+
     def __init__(self, workdir: Path, *, proxy_remote_url: str | None = None) -> None:
+        super().__init__(workdir / "registry.log")
         self.workdir = workdir
         self.proxy_remote_url = proxy_remote_url
-        self.port = 0
         self.config_path = workdir / "config.yml"
         self.storage_dir = workdir / "storage"
-        self.output_path = workdir / "registry.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
+        self.output_path = self.log_path
 
     @property
     def url(self) -> str:
@@ -199,40 +283,8 @@ class Distribution:
         self.storage_dir.mkdir(exist_ok=True)
         self.port = free_port()
         self.config_path.write_text(json.dumps(self._config(), indent=2))
-        self._output = self.output_path.open("wb")
-        self._proc = subprocess.Popen(
-            ["docker-registry", "serve", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_until_ready(self._proc, self.port, (200,), "docker-registry", self.output_path)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(["docker-registry", "serve", str(self.config_path)])
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            _stop_process(self._proc)
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-
-    def log_text(self) -> str:
-        return _tail(self.output_path, limit=1_000_000)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,18 +540,17 @@ async def push_index(
 # --------------------------------------------------------------------------------------------
 
 
-class Mirror:
+class Mirror(Service):
     """``python -m proxy serve`` on 127.0.0.1, its cache and log under ``workdir``."""
 
+    name = "mirror"
+
     def __init__(self, workdir: Path, upstream: str, *extra_args: str) -> None:
+        super().__init__(workdir / "mirror.log")
         self.workdir = workdir
         self.upstream = upstream
         self.extra_args = extra_args
         self.cache_dir = workdir / "cache"
-        self.log_path = workdir / "mirror.log"
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -510,25 +561,6 @@ class Mirror:
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise RuntimeError("Mirror is not running")
-        return self._proc.pid
-
-    def signal(self, signum: int) -> None:
-        """Send a signal to the mirror's (supervisor) process, as an operator or a crash would."""
-        if self._proc is not None:
-            self._proc.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        assert self._proc is not None
-        return self._proc.wait(timeout)
 
     def command(self) -> list[str]:
         return [
@@ -557,52 +589,8 @@ class Mirror:
         if self.port == 0:
             self.port = free_port()
         # Append, so a restart on the same cache keeps the earlier log.
-        self._output = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        try:
-            _wait_until_ready(self._proc, self.port, (200,), "mirror", self.log_path)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(self.command(), cwd=Path(__file__).resolve().parents[2], append=True)
         return self
-
-    def stop(self) -> None:
-        """SIGTERM, wait, then SIGKILL."""
-        if self._proc is not None:
-            _stop_process(self._proc)
-        self._close_output()
-
-    def kill(self) -> None:
-        """SIGKILL at once (a crash), then reap."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=STOP_GRACE_SECONDS)
-        self._close_output()
-
-    def _close_output(self) -> None:
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-
-    def log_text(self) -> str:
-        return _tail(self.log_path, limit=1_000_000)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------------------------

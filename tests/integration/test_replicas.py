@@ -22,13 +22,12 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Self
+from typing import Self
 
 import aiohttp
 import pytest
@@ -43,9 +42,8 @@ from .registry import (
     Distribution,
     Image,
     Mirror,
-    _stop_process,
+    Service,
     _tail,
-    _wait_until_ready,
     build_image,
     free_port,
     push_blob,
@@ -270,16 +268,15 @@ def render_nginx_conf(prefix: Path, listen_port: int, replicas: Sequence[str]) -
     return text
 
 
-class Nginx:
+class Nginx(Service):
     """``nginx -p PREFIX -c CONF -g 'daemon off;'`` with everything it writes under PREFIX."""
 
+    name = "nginx"
+
     def __init__(self, prefix: Path, replicas: Sequence[str]) -> None:
+        super().__init__(prefix / "nginx.out")
         self.prefix = prefix
         self.replicas = replicas
-        self.port = 0
-        self.output_path = prefix / "nginx.out"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -290,26 +287,8 @@ class Nginx:
         self.port = free_port()
         conf = self.prefix / "nginx.conf"
         conf.write_text(render_nginx_conf(self.prefix, self.port, self.replicas))
-        self._output = self.output_path.open("wb")
-        self._proc = subprocess.Popen(
-            ["nginx", "-p", str(self.prefix), "-c", str(conf), "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_until_ready(self._proc, self.port, (200,), "nginx", self.output_path)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(["nginx", "-p", str(self.prefix), "-c", str(conf), "-g", "daemon off;"])
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            _stop_process(self._proc)
-        if self._output is not None:
-            self._output.close()
-            self._output = None
 
     def access_log(self) -> str:
         return _tail(self.prefix / "access.log", limit=200_000)
