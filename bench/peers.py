@@ -1,7 +1,13 @@
 """The mirrors under test, each started with an empty cache in front of a given upstream URL.
 
-- ``ours``: ``python -m proxy serve`` (the integration harness's :class:`Mirror`, at log level
-  warning and with a cache budget that holds every image);
+- ``ours``: ``python -m proxy serve`` (the integration harness's :class:`Mirror`) at the
+  defaults a user gets: log level info, so one JSON access-log line per request on stderr, written
+  to a file as a container's log driver would, and the default number of workers; only the cache
+  budget is raised to hold every image;
+- ``ours-tuned``: the same with the access log off (``--log-level warning``), reported beside the
+  defaults, never instead of them; ``ours-2w``: the defaults with ``--workers 2``;
+- ``floor``: a bare aiohttp app answering one fixed manifest (:mod:`bench.floor`), measured on
+  manifest hits only: the framework's own ceiling on this machine;
 - ``distribution``: the CNCF registry in proxy mode (``proxy: remoteurl``);
 - ``nginx``: a caching reverse proxy with ``proxy_cache``, ``proxy_cache_lock`` (one upstream
   request per key, others wait for it) and ranges served from the cache; the config is
@@ -27,14 +33,15 @@ from typing import IO
 from integration.registry import (
     Distribution,
     Mirror,
+    Service,
     _stop_process,
     _wait_until_ready,
     free_port,
 )
 
-PEERS = ("ours", "distribution", "nginx", "ours-2w")
+PEERS = ("ours", "distribution", "nginx", "ours-tuned", "ours-2w")
 # Our own variants are measured beside the peers, never counted as a peer to beat.
-OURS = frozenset({"ours", "ours-2w"})
+OURS = frozenset({"ours", "ours-tuned", "ours-2w"})
 
 
 class Peer(ABC):
@@ -63,14 +70,21 @@ class Peer(ABC):
 
 
 class _BenchMirror(Mirror):
-    def __init__(self, workdir: Path, upstream: str, source: Path | None, *extra_args: str) -> None:
-        super().__init__(workdir, upstream, *extra_args)
+    def __init__(
+        self, workdir: Path, upstream: str, source: Path | None, log_level: str | None, *extra: str
+    ) -> None:
+        super().__init__(workdir, upstream, *extra)
         self.source = source
+        self.log_level = log_level
 
     def command(self) -> list[str]:
         command = super().command()
-        # Debug logging (the test default) would cost time on every request.
-        command[command.index("--log-level") + 1] = "warning"
+        # The tests' debug logging goes; without a level of our own, the default (info) applies.
+        at = command.index("--log-level")
+        if self.log_level is None:
+            del command[at : at + 2]
+        else:
+            command[at + 1] = self.log_level
         command[command.index("--cache-max-size") + 1] = "64GiB"
         if self.source is not None:
             # Run the snapshot taken at the start of the run, ahead of the editable install.
@@ -86,11 +100,19 @@ class Ours(Peer):
     name = "ours"
 
     def __init__(
-        self, workdir: Path, upstream: str, source: Path | None = None, workers: int = 1
+        self,
+        name: str,
+        workdir: Path,
+        upstream: str,
+        source: Path | None = None,
+        *,
+        workers: int | None = None,
+        log_level: str | None = None,
     ) -> None:
         super().__init__(workdir, upstream)
-        self.name = "ours" if workers == 1 else f"ours-{workers}w"
-        self.mirror = _BenchMirror(workdir, upstream, source, "--workers", str(workers))
+        self.name = name
+        extra = () if workers is None else ("--workers", str(workers))
+        self.mirror = _BenchMirror(workdir, upstream, source, log_level, *extra)
 
     @property
     def url(self) -> str:
@@ -241,11 +263,42 @@ class Nginx(Peer):
         return self._proc.pid
 
 
+class Floor(Peer):
+    """:mod:`bench.floor` in a process of its own; ``upstream`` is not used."""
+
+    name = "floor"
+
+    def __init__(self, workdir: Path, upstream: str) -> None:
+        super().__init__(workdir, upstream)
+        self.service = Service(workdir / "floor.log")
+        self.service.name = "floor"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.service.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.service.port = free_port()
+        command = [sys.executable, "-m", "bench.floor", "--port", str(self.service.port)]
+        self.service._spawn(command, cwd=Path(__file__).resolve().parents[1])
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def main_pid(self) -> int:
+        return self.service.pid
+
+
 def make_peer(name: str, workdir: Path, upstream: str, ours_source: Path | None) -> Peer:
     if name == "ours":
-        return Ours(workdir / name, upstream, ours_source)
+        return Ours(name, workdir / name, upstream, ours_source)
+    if name == "ours-tuned":
+        return Ours(name, workdir / name, upstream, ours_source, log_level="warning")
     if name == "ours-2w":
-        return Ours(workdir / name, upstream, ours_source, workers=2)
+        return Ours(name, workdir / name, upstream, ours_source, workers=2)
+    if name == "floor":
+        return Floor(workdir / name, upstream)
     classes: dict[str, type[Peer]] = {"distribution": DistributionProxy, "nginx": Nginx}
     return classes[name](workdir / name, upstream)
 

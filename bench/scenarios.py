@@ -288,6 +288,11 @@ async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
     return out
 
 
+async def floor_hits(peer: Peer, ctx: Context) -> Results:
+    """The same wrk runs against the bare-aiohttp floor (:mod:`bench.floor`)."""
+    return {"manifest_hits": await manifest_hits(peer, ctx)}
+
+
 async def _curl_blob(url: str) -> tuple[int, float]:
     output = await _communicate(
         ["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url]

@@ -46,7 +46,7 @@ REQUESTS = re.compile(r"(\d+) requests in")
 async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     with Distribution(workdir / "upstream") as upstream:
         fixtures = await push_fixtures(upstream.url, Sizes.full(large_mib=args.large_mib), workdir)
-        mirror = Ours(workdir / "mirror", upstream.url, workers=args.workers)
+        mirror = Ours("ours", workdir / "mirror", upstream.url, workers=args.workers)
         mirror.start()
         try:
             return await _measure(args, workdir, mirror, fixtures)
