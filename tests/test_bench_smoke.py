@@ -11,14 +11,24 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("cold_pull", "warm_pull", "herd", "manifest_hits", "large_blob", "memory", "wan")
-MIRRORS = ("ours", "distribution", "nginx", "ours-tuned")
-QUICK_RUN_SECONDS = 60
+MIRRORS = ("ours", "distribution", "nginx")
+QUICK_RUN_SECONDS = 150  # a hang bound, not a speed goal: the machine may be shared
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(QUICK_RUN_SECONDS + 30)
 def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--mirrors",
+            ",".join(MIRRORS),
+            "--output",
+            str(tmp_path),
+        ],
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
