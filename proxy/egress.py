@@ -23,8 +23,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Final, Protocol
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
 from aiohappyeyeballs import AddrInfoType
+from aiohttp.abc import AbstractResolver
 
 IPAddress = IPv4Address | IPv6Address
 

@@ -84,7 +84,9 @@ async def test_a_password_check_runs_off_the_event_loop(mirror_with: MirrorWith)
     assert waited == [True]
 
 
-async def test_an_unknown_user_costs_one_check_against_a_dummy_hash(mirror_with: MirrorWith) -> None:
+async def test_an_unknown_user_costs_one_check_against_a_dummy_hash(
+    mirror_with: MirrorWith,
+) -> None:
     check = CountingCheck()
     client = await mirror_with(AccessControl(dict(USERS), check=check))
     unknown = await client.get("/v2/", headers=basic("mallory", "guess"))
@@ -106,7 +108,9 @@ async def test_recent_results_are_remembered_right_and_wrong(mirror_with: Mirror
     assert len(check.hashes) == 2
 
 
-async def test_concurrent_requests_with_the_same_credentials_share_one_check(mirror_with: MirrorWith) -> None:
+async def test_concurrent_requests_with_the_same_credentials_share_one_check(
+    mirror_with: MirrorWith,
+) -> None:
     check = CountingCheck()
     client = await mirror_with(AccessControl(dict(USERS), check=check))
     answers = await asyncio.gather(
@@ -116,7 +120,9 @@ async def test_concurrent_requests_with_the_same_credentials_share_one_check(mir
     assert len(check.hashes) == 1
 
 
-async def test_a_flood_of_wrong_passwords_for_one_user_is_answered_429(mirror_with: MirrorWith) -> None:
+async def test_a_flood_of_wrong_passwords_for_one_user_is_answered_429(
+    mirror_with: MirrorWith,
+) -> None:
     check = CountingCheck()
     client = await mirror_with(AccessControl(dict(USERS), check=check))
     assert (await client.get("/v2/", headers=basic("alice", "wonderland"))).status == 200
@@ -134,7 +140,9 @@ async def test_a_flood_of_wrong_passwords_for_one_user_is_answered_429(mirror_wi
     assert (await client.get("/v2/", headers=basic("bob", "builder"))).status == 200
 
 
-async def test_guessing_many_user_names_from_one_address_is_answered_429(mirror_with: MirrorWith) -> None:
+async def test_guessing_many_user_names_from_one_address_is_answered_429(
+    mirror_with: MirrorWith,
+) -> None:
     check = CountingCheck()
     client = await mirror_with(AccessControl(dict(USERS), check=check))
     statuses = []
