@@ -6,11 +6,13 @@ ports are open (issue 18, finding 2)."""
 from __future__ import annotations
 
 import logging
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
 from fakeupstream import free_port
 
+from proxy.egress import is_public, is_public_registry_name
 from security.conftest import SECRET, DynamicMirror, HostileRegistry, InternalService
 
 
@@ -123,3 +125,35 @@ async def test_error_bodies_do_not_tell_open_from_closed_ports_and_the_log_has_t
             messages.append((status, code, message.replace(ns, "NS")))
     assert messages[0] == messages[1]
     assert str(closed) in caplog.text  # the operator still learns what went wrong
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True), ("2606:4700::1111", True),
+        ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.0.1", False),
+        ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False),
+        ("224.0.0.1", False), ("::1", False), ("::", False), ("fe80::1", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),  # IPv4-mapped
+        ("2002:7f00:1::", False), ("2002:808:808::", True),  # 6to4
+        ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::808:808", True),  # NAT64, RFC 6052
+    ],
+)  # fmt: skip
+def test_only_globally_routable_unicast_addresses_are_public(address: str, public: bool) -> None:
+    assert is_public(ip_address(address)) is public
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("ghcr.io", True), ("registry.k8s.io", True), ("quay.io:443", True),
+        ("1password.com", True),
+        ("127.0.0.1", False), ("0177.0.0.1", False), ("0x7f.0x0.0x0.0x1", False),
+        ("localhost", False), ("a.localhost:5000", False), ("redis:6379", False),
+    ],
+)  # fmt: skip
+def test_ns_names_that_are_addresses_or_local_are_not_registry_names(
+    host: str, allowed: bool
+) -> None:
+    assert is_public_registry_name(host) is allowed
