@@ -106,6 +106,7 @@ def create_app(
                 await running.enter_async_context(relay_lifecycle(relay))
             yield
         await store.close()
+        app[state.ACCESS].close()
         await upstreams.close()
         await tags.close()
 

@@ -7,6 +7,7 @@ prints as one line.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -198,11 +199,27 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def parse_url(text: str) -> URL:
     url = URL(text.rstrip("/"))
+    if url.user is not None or url.password is not None:
+        # Never repeated back: the message would put the password in a log or a terminal.
+        raise ValueError(
+            "must not carry a user name or password; use username and password_file "
+            "(upstream_username and upstream_password_file for the default upstream)"
+        )
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{text!r} is not an http(s) URL (example: https://registry-1.docker.io)")
     if url.query_string or url.fragment:
         raise ValueError(f"{text!r} must not have a query or fragment")
     return url
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def registry_name(url: URL) -> str:
@@ -455,6 +472,13 @@ def load_settings(
         values["pins"] = pins  # the file's list, unless the environment or a flag set pins
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+    admin = values.get("admin_listen")
+    if admin is not None and "admin_token_file" not in values and not is_loopback(admin[0]):
+        # Anyone who reaches it could evict the cache and replace the pins.
+        raise ConfigError(
+            "admin_token_file",
+            f"required when admin_listen ({admin[0]}) is not a loopback address",
+        )
     return Settings(listen_host=host, listen_port=port, upstreams=tuple(upstreams), **values)
 
 

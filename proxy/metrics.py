@@ -1,9 +1,9 @@
 """Every Prometheus metric the mirror exports, in one place.
 
-Labels have bounded cardinality: route pattern, method, status class, cache result, upstream
-name (configured, or at most `routing.MAX_DYNAMIC_UPSTREAMS`), request kind. Never a path, a
-repository or a digest. The Grafana dashboard and the alert rules query exactly these names
-(`tests/test_observability.py` checks it).
+Labels have bounded cardinality: route pattern, method (known ones, else `other`), status
+class, cache result, upstream name (configured ones by name, every registry mirrored on demand
+as `on-demand`), request kind. Never a path, a repository or a digest. The Grafana dashboard
+and the alert rules query exactly these names (`tests/test_observability.py` checks it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -233,6 +233,8 @@ class _StoreCollector(Collector):
 
 # The event loop counts as stuck (not ready) when a 1 s timer fires this late.
 MAX_LOOP_LAG: Final = 2.0
+# How long an upstream probe's answer stands for /readyz.
+UPSTREAM_PROBE_INTERVAL: Final = 10.0
 
 
 class HealthMonitor:
@@ -248,10 +250,23 @@ class HealthMonitor:
         self.lag = 0.0
         self.cache = "unchecked"
         self._metrics = metrics
+        self._probed: asyncio.Future[dict[str, str]] | None = None
+        self._probed_until = 0.0
 
     @property
     def ready(self) -> bool:
         return self.lag < MAX_LOOP_LAG and self.cache == "ok"
+
+    async def check_upstreams(
+        self, probe: Callable[[], Awaitable[dict[str, str]]]
+    ) -> dict[str, str]:
+        """`probe`'s answer, run at most once per `UPSTREAM_PROBE_INTERVAL` however many ask
+        (`/readyz?upstream=1` is open to every client), and once for concurrent askers."""
+        loop = asyncio.get_running_loop()
+        if self._probed is None or loop.time() >= self._probed_until:
+            self._probed = asyncio.ensure_future(probe())
+            self._probed_until = loop.time() + UPSTREAM_PROBE_INTERVAL
+        return dict(await asyncio.shield(self._probed))
 
     async def check_cache(self) -> str:
         self.cache = await asyncio.to_thread(cache_writable, self.cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,11 +17,15 @@ from proxy import state
 from proxy.metrics import MAX_LOOP_LAG
 from proxy.request_keys import BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
 from proxy.traffic import TRAFFIC
+from proxy.upstream import Upstream
 from proxy.workers import is_relayed
 
 access_log = logging.getLogger("registry_proxy.access")
 
 OPERATOR_ROUTES: Final = frozenset({"metrics", "healthz", "readyz"})
+# The `method` label: RFC 9110 section 9 methods, anything else (a client may send any token)
+# is `other`, so clients cannot add series at will.
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +46,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         cache = _cache_result(response, status)
         route = request.get(ROUTE, "other")
         metrics = request.app[state.METRICS]
-        metrics.request_duration.labels(route, request.method, f"{status // 100}xx", cache).observe(
+        method = request.method if request.method in METHODS else "other"
+        metrics.request_duration.labels(route, method, f"{status // 100}xx", cache).observe(
             duration
         )
         if CACHE_KIND in request and cache in ("hit", "miss", "coalesced", "stale"):
@@ -111,13 +117,19 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {"cache": await health.check_cache()}
     checks["event_loop"] = "ok" if health.lag < MAX_LOOP_LAG else f"lagging {health.lag:.1f}s"
     if app[state.SETTINGS].ready_requires_upstream or request.query.get("upstream") == "1":
-        for upstream in app[state.UPSTREAMS]:
-            checks[f"upstream {upstream.name}"] = await _upstream_reachable(upstream.settings.url)
+        checks.update(await health.check_upstreams(lambda: _probe(app[state.UPSTREAMS].configured)))
     ready = all(value == "ok" for value in checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},
         status=200 if ready else 503,
     )
+
+
+async def _probe(upstreams: list[Upstream]) -> dict[str, str]:
+    """The configured upstreams only: on-demand ones are the clients' choice, not the mirror's
+    readiness."""
+    results = await asyncio.gather(*(_upstream_reachable(u.settings.url) for u in upstreams))
+    return {f"upstream {u.name}": result for u, result in zip(upstreams, results, strict=True)}
 
 
 async def _upstream_reachable(url: Any) -> str:

@@ -20,7 +20,7 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     """Every `/v2/...` request: one parser picks the endpoint; bad names never reach a route."""
     raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
     access = request.app[state.ACCESS]
-    identity = access.authenticate(request.headers.get("Authorization"))
+    identity = await access.authenticate(request.headers.get("Authorization"), request.remote)
     request[request_keys.IDENTITY] = identity
     if raw_tail == "":
         request[request_keys.ROUTE] = "ping"

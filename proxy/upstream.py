@@ -20,7 +20,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -97,11 +97,12 @@ class BlobStream:
         offset: int,
         metrics: Metrics | None = None,
         slots: list[asyncio.Semaphore] | None = None,
+        label: str | None = None,
     ) -> None:
         self._upstream = upstream
         self._response = response
         self._slots = slots or []
-        self._fetched = metrics.upstream_bytes.labels(upstream) if metrics else None
+        self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
         self.offset = offset
         self.size = _total_size(response, offset)
 
@@ -116,7 +117,8 @@ class BlobStream:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(self._upstream, "timed out sending a blob") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self._upstream, f"blob transfer broke: {exc}") from exc
+            log.warning("upstream %s: blob transfer broke: %s", self._upstream, exc)
+            raise UpstreamUnavailable(self._upstream, "blob transfer broke") from exc
 
     def close(self) -> None:
         self._response.close()
@@ -203,11 +205,16 @@ class Upstream:
         metrics: Metrics | None = None,
         download_slots: tuple[asyncio.Semaphore, ...] = (),
         max_blob_size: int | None = None,
+        connector: Callable[[], aiohttp.BaseConnector] | None = None,
+        metrics_label: str | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        # The `upstream` label of its metrics: its name, or one label shared by every registry
+        # mirrored on demand, whose names clients choose.
+        self.label = metrics_label or settings.name
         if metrics is not None:
-            metrics.upstream_bytes.labels(settings.name)  # the series exists before any fetch
+            metrics.upstream_bytes.labels(self.label)  # the series exists before any fetch
         self.download_slots = download_slots
         self.max_blob_size = max_blob_size
         self.name = settings.name
@@ -216,6 +223,7 @@ class Upstream:
             total=None, sock_connect=connect_timeout, connect=connect_timeout,
             sock_read=read_timeout,
         )  # fmt: skip
+        self._connector = connector or _default_connector
         self._session: aiohttp.ClientSession | None = None
         self._challenge: Challenge | None = None
         self._tokens: dict[str, _Token] = {}
@@ -234,7 +242,7 @@ class Upstream:
             timeout=self._timeout,
             auto_decompress=False,  # blobs must arrive byte-exact, whatever the encoding
             read_bufsize=READ_BUFFER,
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            connector=self._connector(),
             headers={"User-Agent": "registry-proxy"},
         )
 
@@ -303,7 +311,7 @@ class Upstream:
             for slots in held:
                 slots.release()
             raise
-        stream = BlobStream(self.name, response, offset, self.metrics, held)
+        stream = BlobStream(self.name, response, offset, self.metrics, held, self.label)
         if (limit := self.max_blob_size) is not None and (stream.size or 0) > limit:
             stream.close()
             raise UpstreamRefused(
@@ -363,7 +371,8 @@ class Upstream:
             self._raise_for_status(response, not_found)
             body = await response.read()
         except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.name, f"transfer of {path} broke: {exc}") from exc
+            log.warning("upstream %s: transfer of %s broke: %s", self.name, path, exc)
+            raise UpstreamUnavailable(self.name, "transfer broke") from exc
         finally:
             response.release()
         return body, response
@@ -388,6 +397,14 @@ class Upstream:
             if location is None:
                 raise UpstreamUnavailable(self.name, "redirect without Location")
             target = response.url.join(URL(location))
+            if target.scheme not in ("http", "https") or (
+                response.url.scheme == "https" and target.scheme != "https"
+            ):
+                # A downgrade would hand the path (and a pre-signed URL's signature) to anyone
+                # on the way; where it may connect at all is the connector's address policy.
+                log.warning("upstream %s: refused a redirect from %s to %s", self.name,
+                            response.url.with_query(None), target.with_query(None))  # fmt: skip
+                raise UpstreamUnavailable(self.name, "redirected to a scheme it may not use")
             if target.origin() == self.settings.url.origin():
                 response = await self._request_with_auth(method, target, scope, headers)
             else:
@@ -429,9 +446,13 @@ class Upstream:
         except aiohttp.ClientError as exc:
             self.breaker.failure()
             self._count_error(kind, "unreachable")
-            raise UpstreamUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+            # The details (refused, reset, TLS, a forbidden address) go to the log only: in an
+            # error body they would tell a client which internal ports are open.
+            log.warning("upstream %s: %s %s failed: %s", self.name, method, url.with_query(None),
+                        str(exc) or type(exc).__name__)  # fmt: skip
+            raise UpstreamUnavailable(self.name, "cannot reach it") from exc
         if self.metrics is not None:
-            self.metrics.upstream_duration.labels(self.name, kind).observe(
+            self.metrics.upstream_duration.labels(self.label, kind).observe(
                 time.monotonic() - started
             )
         if response.status >= 500:
@@ -442,7 +463,7 @@ class Upstream:
 
     def _count_error(self, kind: str, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.upstream_errors.labels(self.name, kind, reason).inc()
+            self.metrics.upstream_errors.labels(self.label, kind, reason).inc()
 
     async def _authorization(self, scope: str | None, *, refresh: bool) -> str | None:
         challenge = self._challenge
@@ -485,7 +506,7 @@ class Upstream:
         try:
             async with self._session_or_new().get(realm, headers=headers) as response:
                 if self.metrics is not None:
-                    self.metrics.upstream_duration.labels(self.name, "token").observe(
+                    self.metrics.upstream_duration.labels(self.label, "token").observe(
                         time.monotonic() - started
                     )
                 if response.status >= 400:
@@ -504,7 +525,9 @@ class Upstream:
             raise UpstreamTimeout(self.name, "token endpoint timed out") from exc
         except (aiohttp.ClientError, ValueError) as exc:
             self._count_error("token", "unreachable")
-            raise UpstreamUnavailable(self.name, f"token endpoint failed: {exc}") from exc
+            log.warning("upstream %s: token endpoint %s failed: %s", self.name,
+                        realm.with_query(None), exc)  # fmt: skip
+            raise UpstreamUnavailable(self.name, "token endpoint failed") from exc
         value = document.get("token") or document.get("access_token")
         if not isinstance(value, str) or not value:
             raise UpstreamUnavailable(self.name, "token endpoint returned no token")
@@ -544,6 +567,10 @@ class Upstream:
         if status >= 500:
             raise UpstreamUnavailable(self.name, f"answered {status}")
         raise UpstreamUnavailable(self.name, f"answered unexpected status {status}")
+
+
+def _default_connector() -> aiohttp.BaseConnector:
+    return aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
 
 
 def _kind(url: URL) -> str:
