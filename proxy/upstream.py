@@ -319,21 +319,19 @@ class Upstream:
         body, response = await self._read(path, repository, {}, ErrorCode.MANIFEST_UNKNOWN)
         return body, response.headers.get("Content-Type", MediaType.OCI_INDEX)
 
-    async def readable(self, repository: Repository, path: str) -> bool:
-        """Whether the current credentials may read `path` (a HEAD, so not a Docker Hub pull).
-
-        A 404 counts as readable: the credentials were accepted and the content is not there,
-        which the request itself will then report.
-        """
+    async def probe(
+        self, repository: Repository, path: str, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """The status of a HEAD of `path` below the repository with the current credentials
+        (a HEAD is not a Docker Hub pull): 200, 401, 403 or 404; anything else raises."""
         response = await self._send(
-            "HEAD", f"{self.remote_name(repository)}/{path}", repository, {}
+            "HEAD", f"{self.remote_name(repository)}/{path}", repository, headers or {}
         )
         response.release()
-        if response.status in (401, 403):
-            return False
-        if response.status >= 500 or response.status == 429:
-            self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
-        return True
+        if response.status in (401, 403, 404) or response.status < 300:
+            return response.status
+        self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
+        raise UpstreamUnavailable(self.name, f"answered unexpected status {response.status}")
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int:
         path = f"{self.remote_name(repository)}/blobs/{digest}"

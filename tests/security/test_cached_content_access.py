@@ -45,7 +45,9 @@ async def pull(client: object, prefix: str, image: Image, headers: dict[str, str
     """Fetch a manifest by digest and every blob of `image` as an authorised client would."""
     get = client.get  # type: ignore[attr-defined]
     accept = {"Accept": ACCEPT_ALL_MANIFESTS}
-    response = await get(f"{prefix}/manifests/{image.manifest_digest}", headers={**headers, **accept})
+    response = await get(
+        f"{prefix}/manifests/{image.manifest_digest}", headers={**headers, **accept}
+    )
     assert response.status == 200
     for digest in (image.config_digest, *image.layer_digests):
         response = await get(f"{prefix}/blobs/{digest}", headers=headers)
