@@ -37,6 +37,8 @@ from proxy.oci import Digest, ErrorCode, MediaType, Reference, RegistryError, Re
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS: Final = 5
+# Token realms on another host than the registry's that may receive its credentials.
+KNOWN_REALM_HOSTS: Final = {"registry-1.docker.io": ("auth.docker.io",)}
 # Docker Hub documents a 60 s lifetime when the token response has no expires_in.
 DEFAULT_TOKEN_LIFETIME: Final = 60.0
 READ_BUFFER: Final = 4 * 1024 * 1024
@@ -478,7 +480,15 @@ class Upstream:
         realm = URL(challenge.params["realm"]).update_query(query)
         headers = {}
         if (basic := self._basic_auth()) is not None:
-            headers["Authorization"] = basic
+            if self.may_send_credentials_to(realm):
+                headers["Authorization"] = basic
+            else:
+                log.warning(
+                    "upstream %s names token realm %s; asking it without credentials "
+                    "(credentials go only to the upstream's host or its token_realm_hosts, "
+                    "and not over plain http)",
+                    self.name, realm.with_query(None),
+                )  # fmt: skip
         started = time.monotonic()
         try:
             async with self._session_or_new().get(realm, headers=headers) as response:
@@ -512,6 +522,18 @@ class Upstream:
         # Renew a little early so a token never expires in flight.
         self._tokens[key] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
         return value
+
+    def may_send_credentials_to(self, realm: URL) -> bool:
+        """Whether a token realm a 401 named may receive this upstream's credentials: on the
+        upstream's own host or one configured for it, and over https unless the upstream
+        itself is plain http."""
+        own = self.settings.url
+        if realm.scheme != "https" and not (realm.scheme == "http" and own.scheme == "http"):
+            return False
+        host = (realm.host or "").lower()
+        allowed = {(own.host or "").lower(), *self.settings.token_realm_hosts}
+        allowed.update(KNOWN_REALM_HOSTS.get((own.host or "").lower(), ()))
+        return host in allowed
 
     def _basic_auth(self) -> str | None:
         if self.settings.pass_client_credentials:
