@@ -59,7 +59,7 @@ def final_path(cache_dir: Path, digest: str) -> Path:
     return cache_dir / "blobs" / "sha256" / hex_digest[:2] / hex_digest
 
 
-_PROVENANCE = re.compile(r"provenance\.sqlite(-wal|-shm)?")
+_PROVENANCE = re.compile(r"provenance\.sqlite(-wal|-shm|-journal)?")
 
 
 @dataclass
@@ -97,7 +97,7 @@ def audit_cache(cache_dir: Path, *, junk: Collection[Path] = ()) -> CacheAudit:
                 else:
                     audit.problems.append(f"unexpected entry in tmp/: {temp}")
         elif _PROVENANCE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-            continue  # where cached digests were seen (proxy.provenance), with SQLite's WAL
+            continue  # where digests were seen (proxy.provenance), and SQLite's journals
         elif entry.resolve() not in planted:
             audit.problems.append(f"unexpected entry in the cache dir: {entry}")
     return audit
