@@ -161,13 +161,15 @@ class AccessControl:
         return identity
 
     def authorize(self, identity: str, upstream: str, repository: str) -> None:
+        if not self.allows(identity, upstream, repository):
+            resource = f"{upstream}/{repository}"
+            raise RegistryError(ErrorCode.DENIED, f"{identity} may not pull {resource}")
+
+    def allows(self, identity: str, upstream: str, repository: str) -> bool:
         if not self.rules:
-            return
+            return True
         resource = f"{upstream}/{repository}"
-        for rule in self.rules:
-            if rule.applies_to(identity) and rule.allows(resource):
-                return
-        raise RegistryError(ErrorCode.DENIED, f"{identity} may not pull {resource}")
+        return any(rule.applies_to(identity) and rule.allows(resource) for rule in self.rules)
 
     async def _check_basic(self, credentials: str, source: str) -> str | None:
         try:

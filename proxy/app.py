@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import admin, observability, routes, state
+from proxy import admin, observability, passthrough, routes, state
 from proxy.access import AccessControl
 from proxy.blobs import BlobService
 from proxy.blobstore import BlobStore
@@ -17,6 +18,7 @@ from proxy.manifests import ManifestService
 from proxy.metrics import HealthMonitor, Metrics
 from proxy.oci import ErrorCode, RegistryError
 from proxy.passthrough import UpstreamAccessCheck
+from proxy.provenance import Provenance, ProvenanceGuard
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 from proxy.workers import SINGLE, OwnerRelay, Worker, relay_lifecycle
@@ -87,7 +89,10 @@ def create_app(
     app[state.ACCESS] = AccessControl.from_files(
         settings.auth_htpasswd, settings.auth_tokens_file, settings.access
     )
-    app[state.PASSTHROUGH] = UpstreamAccessCheck()
+    provenance = Provenance(settings.cache_dir)
+    passing = frozenset(u.name for u in settings.upstreams if u.pass_client_credentials)
+    app[state.GUARD] = ProvenanceGuard(provenance, app[state.ACCESS], passing)
+    app[state.PASSTHROUGH] = UpstreamAccessCheck(provenance)
     app[state.HEALTH] = HealthMonitor(metrics, store.temp_dir)
     app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout, relay)
     metrics.watch_store(store)
@@ -96,6 +101,7 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
+        await asyncio.to_thread(provenance.open)
         async with contextlib.AsyncExitStack() as running:
             await running.enter_async_context(app[state.HEALTH].running())
             # One admin and one metrics listener, not one per worker.
@@ -107,6 +113,7 @@ def create_app(
             yield
         await store.close()
         app[state.ACCESS].close()
+        provenance.close()
         await upstreams.close()
         await tags.close()
 
@@ -114,6 +121,8 @@ def create_app(
     app.on_response_prepare.append(routes.add_protocol_headers)
     # With a separate metrics address, /metrics is served there only.
     _add_operator_routes(app, metrics=settings.metrics_listen is None)
+    if passing:
+        app.router.add_route("*", passthrough.TOKEN_PATH, passthrough.token_endpoint)
     app.router.add_route("*", "/v2", routes.registry_api)
     app.router.add_route("*", "/v2/{tail:.*}", routes.registry_api)
     return app

@@ -13,6 +13,7 @@ Layout under the cache directory::
     |   +-- evicted-<pid>-<n>           a blob being deleted, off the loop
     |   +-- .ready-XXXXXXXX             readiness's write probe, gone within milliseconds
     +-- run/                            with --workers: Unix sockets, metrics files (workers.py)
+    +-- provenance.sqlite(-wal, -shm, -journal)  where each digest was seen (provenance.py)
 
 Invariants:
 

@@ -86,8 +86,11 @@ class UpstreamSettings:
     tag_ttls: tuple[TagTtl, ...] = ()
     tag_ttl: float | None = None
     # Hold no credentials: use each client's own, and serve cached content of this upstream only
-    # to clients the upstream accepts for that repository (proxy.access.UpstreamAccessCheck).
+    # to clients the upstream accepts for that repository (proxy.passthrough).
     pass_client_credentials: bool = False
+    # Hosts besides the upstream's own whose token realm may receive its credentials
+    # (registry.gitlab.com's realm is on gitlab.com); Docker Hub's is built in.
+    token_realm_hosts: tuple[str, ...] = ()
 
     @property
     def is_docker_hub(self) -> bool:
@@ -414,6 +417,7 @@ _UPSTREAM_KEYS: Final = frozenset(
         "tag_ttl",
         "tag_ttls",
         "pass_client_credentials",
+        "token_realm_hosts",
     }
 )
 
@@ -478,6 +482,16 @@ def load_settings(
         raise ConfigError(
             "admin_token_file",
             f"required when admin_listen ({admin[0]}) is not a loopback address",
+        )
+    mirror_auth = [key for key in ("auth_htpasswd", "auth_tokens_file") if key in values]
+    passing = [u.name for u in upstreams if u.pass_client_credentials]
+    if mirror_auth and passing:
+        # A client sends one Authorization header: the mirror's own users' passwords would be
+        # forwarded to the upstream in their name.
+        raise ConfigError(
+            "pass_client_credentials",
+            f"upstream {passing[0]} passes client credentials on, which cannot be combined "
+            f"with {mirror_auth[0]} (the mirror's own users' passwords would go upstream)",
         )
     return Settings(listen_host=host, listen_port=port, upstreams=tuple(upstreams), **values)
 
@@ -551,4 +565,13 @@ def _upstream_from_table(index: int, table: Any) -> UpstreamSettings:
         tag_ttl=None
         if tag_ttl is None
         else _parse(f"{where}.tag_ttl", _positive_duration, tag_ttl),
+        token_realm_hosts=_host_list(
+            f"{where}.token_realm_hosts", table.get("token_realm_hosts", [])
+        ),
     )
+
+
+def _host_list(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and h for h in value):
+        raise ConfigError(where, "expected a list of host names")
+    return tuple(host.lower() for host in value)

@@ -7,7 +7,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy import request_keys, state
+from proxy import passthrough, request_keys, state
+from proxy.blobstore import CacheResult
 from proxy.oci import ApiPath, Digest, ErrorCode, RegistryError, parse_api_path
 from proxy.routing import is_registry_host
 from proxy.upstream import CLIENT_CREDENTIALS, Upstream
@@ -26,6 +27,13 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
         request[request_keys.ROUTE] = "ping"
         if request.method not in READ_METHODS:
             raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
+        # skopeo, podman and dockerd send credentials only after a challenged ping.
+        if request.app[state.GUARD].passing and "Authorization" not in request.headers:
+            raise RegistryError(
+                ErrorCode.UNAUTHORIZED,
+                "send credentials for upstreams that need them, or none",
+                headers=passthrough.challenge(request),
+            )
         return web.json_response({})
     upstream, tail = request.app[state.UPSTREAMS].route(raw_tail, request.query.get("ns"))
     request[request_keys.UPSTREAM] = upstream.name
@@ -36,15 +44,39 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     if api.repository is not None:
         access.authorize(identity, upstream.name, api.repository.name)
     if api.repository is not None and upstream.settings.pass_client_credentials:
-        credentials = request.headers.get("Authorization")
+        credentials = passthrough.client_credentials(request.headers.get("Authorization"))
         # Set for this request's task and everything it starts (a download in its name).
         scope = CLIENT_CREDENTIALS.set(credentials)
         try:
-            await request.app[state.PASSTHROUGH].check(upstream, api, credentials)
-            return await _dispatch(request, upstream, api)
+            await request.app[state.PASSTHROUGH].check(request, upstream, api, credentials)
+            return await _guarded(request, upstream, api, identity)
         finally:
             CLIENT_CREDENTIALS.reset(scope)
-    return await _dispatch(request, upstream, api)
+    return await _guarded(request, upstream, api, identity)
+
+
+async def _guarded(
+    request: web.Request, upstream: Upstream, api: ApiPath, identity: str
+) -> web.StreamResponse:
+    """Dispatch, serving content by digest only through a repository it was seen in
+    (proxy.provenance), and note where what was served came from."""
+    guard = request.app[state.GUARD]
+    kind = {"manifest": "manifest", "blob": "blob"}.get(api.endpoint)
+    by_digest = kind is not None and isinstance(api.reference, Digest)
+    if kind is not None and isinstance(api.reference, Digest):
+        assert api.repository is not None
+        await guard.check(identity, upstream, api.repository, api.reference, kind)
+    response = await _dispatch(request, upstream, api)
+    if kind is not None and response.status in (200, 206, 304):
+        assert api.repository is not None
+        # A tag's resolution is kept per (upstream, repository), so its digest was seen there;
+        # content by digest only when this request fetched it through this repository.
+        fetched_here = response.headers.get("X-Cache") == CacheResult.MISS
+        header = response.headers.get("Docker-Content-Digest")
+        if header is not None and (fetched_here or not by_digest):
+            digest = Digest.parse(header)
+            await guard.provenance.record(digest, upstream.name, api.repository.name)
+    return response
 
 
 async def _dispatch(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:

@@ -11,6 +11,7 @@ from proxy.config import Settings
 from proxy.manifests import ManifestService
 from proxy.metrics import HealthMonitor, Metrics
 from proxy.passthrough import UpstreamAccessCheck
+from proxy.provenance import ProvenanceGuard
 from proxy.routing import Upstreams
 from proxy.tags import TagCache
 
@@ -22,5 +23,6 @@ BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 ACCESS = web.AppKey("access", AccessControl)
 PASSTHROUGH = web.AppKey("passthrough", UpstreamAccessCheck)
+GUARD = web.AppKey("guard", ProvenanceGuard)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", HealthMonitor)

@@ -37,6 +37,8 @@ from proxy.oci import Digest, ErrorCode, MediaType, Reference, RegistryError, Re
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS: Final = 5
+# Token realms on another host than the registry's that may receive its credentials.
+KNOWN_REALM_HOSTS: Final = {"registry-1.docker.io": ("auth.docker.io",)}
 # Docker Hub documents a 60 s lifetime when the token response has no expires_in.
 DEFAULT_TOKEN_LIFETIME: Final = 60.0
 READ_BUFFER: Final = 4 * 1024 * 1024
@@ -327,21 +329,19 @@ class Upstream:
         body, response = await self._read(path, repository, {}, ErrorCode.MANIFEST_UNKNOWN)
         return body, response.headers.get("Content-Type", MediaType.OCI_INDEX)
 
-    async def readable(self, repository: Repository, path: str) -> bool:
-        """Whether the current credentials may read `path` (a HEAD, so not a Docker Hub pull).
-
-        A 404 counts as readable: the credentials were accepted and the content is not there,
-        which the request itself will then report.
-        """
+    async def probe(
+        self, repository: Repository, path: str, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """The status of a HEAD of `path` below the repository with the current credentials
+        (a HEAD is not a Docker Hub pull): 200, 401, 403 or 404; anything else raises."""
         response = await self._send(
-            "HEAD", f"{self.remote_name(repository)}/{path}", repository, {}
+            "HEAD", f"{self.remote_name(repository)}/{path}", repository, headers or {}
         )
         response.release()
-        if response.status in (401, 403):
-            return False
-        if response.status >= 500 or response.status == 429:
-            self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
-        return True
+        if response.status in (401, 403, 404) or response.status < 300:
+            return response.status
+        self._raise_for_status(response, ErrorCode.NAME_UNKNOWN)
+        raise UpstreamUnavailable(self.name, f"answered unexpected status {response.status}")
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int:
         path = f"{self.remote_name(repository)}/blobs/{digest}"
@@ -501,7 +501,15 @@ class Upstream:
         realm = URL(challenge.params["realm"]).update_query(query)
         headers = {}
         if (basic := self._basic_auth()) is not None:
-            headers["Authorization"] = basic
+            if self.may_send_credentials_to(realm):
+                headers["Authorization"] = basic
+            else:
+                log.warning(
+                    "upstream %s names token realm %s; asking it without credentials "
+                    "(credentials go only to the upstream's host or its token_realm_hosts, "
+                    "and not over plain http)",
+                    self.name, realm.with_query(None),
+                )  # fmt: skip
         started = time.monotonic()
         try:
             async with self._session_or_new().get(realm, headers=headers) as response:
@@ -537,6 +545,18 @@ class Upstream:
         # Renew a little early so a token never expires in flight.
         self._tokens[key] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
         return value
+
+    def may_send_credentials_to(self, realm: URL) -> bool:
+        """Whether a token realm a 401 named may receive this upstream's credentials: on the
+        upstream's own host or one configured for it, and over https unless the upstream
+        itself is plain http."""
+        own = self.settings.url
+        if realm.scheme != "https" and not (realm.scheme == "http" and own.scheme == "http"):
+            return False
+        host = (realm.host or "").lower()
+        allowed = {(own.host or "").lower(), *self.settings.token_realm_hosts}
+        allowed.update(KNOWN_REALM_HOSTS.get((own.host or "").lower(), ()))
+        return host in allowed
 
     def _basic_auth(self) -> str | None:
         if self.settings.pass_client_credentials:

@@ -264,6 +264,13 @@ class FakeRegistry:
         # Overrides the realm URL; by default it is this server's own /token.
         self.token_realm: str | None = None
         self._tokens: dict[str, _Token] = {}
+        # Answer 404 NAME_UNKNOWN instead of 401 for a private repository the client may not
+        # read, as registries that hide private repositories do.
+        self.hide_private = False
+        # Like Distribution, serve a blob only through a repository it was pushed to
+        # (`add_image`); otherwise any known repository serves any blob.
+        self.link_blobs = False
+        self.blob_repos: dict[str, set[str]] = {}
 
         # Faults.
         self.down = False
@@ -335,6 +342,8 @@ class FakeRegistry:
         config_bytes = canonical_json(config)
         config_digest = self.add_blob(config_bytes)
         layer_digests = [self.add_blob(layer) for layer in layers]
+        for digest in (config_digest, *layer_digests):
+            self.blob_repos.setdefault(digest, set()).add(repo)
         manifest = {
             "schemaVersion": 2,
             "mediaType": media_type,
@@ -522,6 +531,8 @@ class FakeRegistry:
             challenge += ',error="invalid_token"'
             return _error(401, "UNAUTHORIZED", "invalid or expired token", _www(challenge))
         if repo is not None and repo not in token.repositories:
+            if self.hide_private:
+                return _error(404, "NAME_UNKNOWN", f"repository {repo} not known to registry")
             challenge += ',error="insufficient_scope"'
             return _error(401, "UNAUTHORIZED", "insufficient scope", _www(challenge))
         return None
@@ -652,7 +663,7 @@ class FakeRegistry:
         if not _DIGEST.match(digest):
             return _error(400, "DIGEST_INVALID", f"invalid digest {digest}")
         data = self.blobs.get(digest)
-        if data is None:
+        if data is None or (self.link_blobs and repo not in self.blob_repos.get(digest, ())):
             return _error(404, "BLOB_UNKNOWN", f"blob unknown to registry: {digest}")
         if request.method == "GET" and self.redirect_loop:
             raise web.HTTPTemporaryRedirect(location=str(request.url))

@@ -133,7 +133,10 @@ async def test_with_client_credentials_passed_on_the_cache_serves_only_whom_upst
 
     anonymous = await client.get("/v2/corp/app/manifests/1.0")
     assert anonymous.status == 401
-    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="registry-proxy"'
+    realm = client.make_url("/auth/token")
+    assert anonymous.headers["WWW-Authenticate"] == (
+        f'Bearer realm="{realm}",service="registry-proxy",scope="repository:corp/app:pull"'
+    )
 
     alice = basic("alice", "wonderland")
     for path in ("/v2/corp/app/manifests/1.0", blob):

@@ -59,6 +59,9 @@ def final_path(cache_dir: Path, digest: str) -> Path:
     return cache_dir / "blobs" / "sha256" / hex_digest[:2] / hex_digest
 
 
+_PROVENANCE = re.compile(r"provenance\.sqlite(-wal|-shm|-journal)?")
+
+
 @dataclass
 class CacheAudit:
     """What a cache directory holds: verified blobs by digest, temporary files, and problems."""
@@ -93,6 +96,8 @@ def audit_cache(cache_dir: Path, *, junk: Collection[Path] = ()) -> CacheAudit:
                     audit.temp.append(temp.name)
                 else:
                     audit.problems.append(f"unexpected entry in tmp/: {temp}")
+        elif _PROVENANCE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            continue  # where digests were seen (proxy.provenance), and SQLite's journals
         elif entry.resolve() not in planted:
             audit.problems.append(f"unexpected entry in the cache dir: {entry}")
     return audit

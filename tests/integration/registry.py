@@ -171,8 +171,15 @@ class Service:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
-    def _spawn(self, command: list[str], *, cwd: Path | None = None, append: bool = False) -> None:
-        """Start `command` and wait until `GET /` on its port answers (or fail with its log)."""
+    def _spawn(
+        self,
+        command: list[str],
+        *,
+        cwd: Path | None = None,
+        append: bool = False,
+        ready: Sequence[int] = (200,),
+    ) -> None:
+        """Start `command` and wait until `GET /v2/` on its port answers one of `ready`."""
         self._output = self.log_path.open("ab" if append else "wb")
         self._proc = subprocess.Popen(
             command,
@@ -182,7 +189,7 @@ class Service:
             cwd=cwd,
         )
         try:
-            _wait_until_ready(self._proc, self.port, (200,), self.name, self.log_path)
+            _wait_until_ready(self._proc, self.port, ready, self.name, self.log_path)
         except BaseException:
             self.stop()
             raise
@@ -237,15 +244,24 @@ class Distribution(Service):
     """The reference registry (``docker-registry serve``) on 127.0.0.1, storage under ``workdir``.
 
     ``proxy_remote_url`` turns it into a pull-through cache of that URL (for benchmarks against a
-    peer). Use as a context manager or call :meth:`start` and :meth:`stop`.
+    peer). ``htpasswd`` (a file of bcrypt entries) makes every request need HTTP Basic
+    credentials, as a private registry does. Use as a context manager or call :meth:`start` and
+    :meth:`stop`.
     """
 
     name = "docker-registry"
 
-    def __init__(self, workdir: Path, *, proxy_remote_url: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        proxy_remote_url: str | None = None,
+        htpasswd: Path | None = None,
+    ) -> None:
         super().__init__(workdir / "registry.log")
         self.workdir = workdir
         self.proxy_remote_url = proxy_remote_url
+        self.htpasswd = htpasswd
         self.config_path = workdir / "config.yml"
         self.storage_dir = workdir / "storage"
         self.output_path = self.log_path
@@ -274,6 +290,8 @@ class Distribution(Service):
         }
         if self.proxy_remote_url is not None:
             config["proxy"] = {"remoteurl": self.proxy_remote_url}
+        if self.htpasswd is not None:
+            config["auth"] = {"htpasswd": {"realm": "private", "path": str(self.htpasswd)}}
         return config
 
     def start(self) -> Self:
@@ -283,7 +301,8 @@ class Distribution(Service):
         self.storage_dir.mkdir(exist_ok=True)
         self.port = free_port()
         self.config_path.write_text(json.dumps(self._config(), indent=2))
-        self._spawn(["docker-registry", "serve", str(self.config_path)])
+        ready = (401,) if self.htpasswd is not None else (200,)
+        self._spawn(["docker-registry", "serve", str(self.config_path)], ready=ready)
         return self
 
 
