@@ -105,6 +105,7 @@ def create_app(
             if relay is not None:
                 await running.enter_async_context(relay_lifecycle(relay))
             yield
+        await app[state.MANIFESTS].close()
         await store.close()
         await upstreams.close()
         await tags.close()

@@ -194,6 +194,9 @@ async def test_two_thousand_accept_spellings_cost_one_upstream_get_and_a_bounded
         assert response.status == 200
         assert response.headers["Docker-Content-Digest"] == image.manifest_digest
     assert manifest_gets(fake_upstream) == 1
+    # A client taking other index types may be told something else (an index): one HEAD
+    # (not a pull) for each combination of index types, at most.
+    assert fake_upstream.registry.count("HEAD", path_contains="/manifests/") <= 4
     tags = client.app[state.TAGS]
     assert len(await tags.resolutions("fake", "library/hello", "latest")) == 1
     stored = await tags.backend.get("tag:fake/library/hello:latest")
