@@ -296,7 +296,9 @@ class TagCache:
                     "set", f"repo:{upstream}/{repository}", [*tags, tag], ttl=int(self.stale_ttl)
                 )
 
-    async def refused(self, upstream: str, repository: str, tag: str, types: frozenset[str]) -> None:
+    async def refused(
+        self, upstream: str, repository: str, tag: str, types: frozenset[str]
+    ) -> None:
         """The upstream has no manifest for this tag that `types` admits (a 404)."""
         answers = (await self.answers(upstream, repository, tag)).refused(types)
         if answers:

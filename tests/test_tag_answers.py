@@ -165,8 +165,10 @@ def test_a_tag_holds_at_most_one_manifest_per_media_type_whatever_clients_ask(
 
 
 def test_answers_round_trip_through_json() -> None:
-    answers = TagAnswers().record(ALL, resolution("a", OCI_INDEX)).record(
-        IMAGES_ONLY, resolution("b", OCI_MANIFEST)
+    answers = (
+        TagAnswers()
+        .record(ALL, resolution("a", OCI_INDEX))
+        .record(IMAGES_ONLY, resolution("b", OCI_MANIFEST))
     )
     again = TagAnswers.from_json(json.loads(json.dumps(answers.to_json())))
     assert list(again) == list(answers)
@@ -186,9 +188,11 @@ def test_an_entry_written_by_the_previous_version_answers_only_where_that_is_saf
     }  # fmt: skip
     answers = TagAnswers.from_json(legacy)
     index = answers.choose(ALL)
-    assert index is not None and index.media_type == OCI_INDEX
+    assert index is not None
+    assert index.media_type == OCI_INDEX
     child = answers.choose(IMAGES_ONLY)
-    assert child is not None and child.digest == "sha256:" + "b" * 64
+    assert child is not None
+    assert child.digest == "sha256:" + "b" * 64
     assert list(TagAnswers.from_json(["not", "a", "dict"])) == []
     assert list(TagAnswers.from_json({OCI_INDEX: "garbage"})) == []
 

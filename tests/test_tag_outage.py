@@ -13,6 +13,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -35,7 +36,9 @@ Client = TestClient[web.Request, web.Application]
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 # Accept as each client sends it on a tag: header lines, in the client's own order.
-DOCKERD = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX, SCHEMA1, "application/json"]  # fmt: skip
+DOCKERD = [
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX, SCHEMA1, "application/json",
+]  # fmt: skip
 CONTAINERD = [f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {OCI_INDEX}, */*"]
 CONTAINERS_IMAGE = [
     OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, SCHEMA1,
@@ -44,6 +47,14 @@ CONTAINERS_IMAGE = [
 WARM = [WARM_ACCEPT]
 CLIENTS = {"dockerd": DOCKERD, "containerd": CONTAINERD, "containers-image": CONTAINERS_IMAGE}
 IMAGES_ONLY = [DOCKER_MANIFEST, OCI_MANIFEST]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for the tag cache: in memory, and on a real Redis server (JSON entries)."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_url")}
 
 
 def accept(lines: list[str]) -> list[tuple[str, str]]:
@@ -74,9 +85,8 @@ async def test_a_tag_resolved_by_one_client_is_served_to_every_client_while_upst
 ) -> None:
     image = fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror(revalidate_timeout=0.5, response_timeout=30.0, read_timeout=30.0)
-    first = await client.get(
-        "/v2/library/hello/manifests/latest", headers=accept(WARM if resolver == "warm" else CLIENTS[resolver])
-    )  # fmt: skip
+    lines = WARM if resolver == "warm" else CLIENTS[resolver]
+    first = await client.get("/v2/library/hello/manifests/latest", headers=accept(lines))
     assert first.status == 200
     await make_stale(client, "library/hello", "latest")
     await fail(fake_upstream, failure)
@@ -115,22 +125,24 @@ async def test_a_fresh_tag_resolved_with_one_accept_list_is_a_hit_for_every_othe
 
 
 async def test_an_index_tag_refused_to_an_images_only_client_still_serves_index_clients(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
 ) -> None:
     registry = fake_upstream.registry
     registry.index_fallback = False  # Distribution: OCI index + no index in Accept -> 404
-    amd64 = registry.add_image("library/multi", None, [b"amd"], platform="linux/amd64")
-    index = registry.add_index("library/multi", "latest", {"linux/amd64": amd64})
-    client = await mirror(negative_ttl=60.0)
+    repository = f"refused/multi-{len(backend)}"
+    amd64 = registry.add_image(repository, None, [b"amd"], platform="linux/amd64")
+    index = registry.add_index(repository, "latest", {"linux/amd64": amd64})
+    client = await mirror(negative_ttl=60.0, **backend)
+    path = f"/v2/{repository}/manifests/latest"
 
-    old = await client.get("/v2/library/multi/manifests/latest", headers=accept(IMAGES_ONLY))
+    old = await client.get(path, headers=accept(IMAGES_ONLY))
     assert old.status == 404
     for lines in (CONTAINERD, DOCKERD, CONTAINERS_IMAGE):
-        response = await client.get("/v2/library/multi/manifests/latest", headers=accept(lines))
+        response = await client.get(path, headers=accept(lines))
         assert response.status == 200
         assert response.headers["Docker-Content-Digest"] == index
     calls = registry.count(path_contains="/manifests/")
-    again = await client.get("/v2/library/multi/manifests/latest", headers=accept(IMAGES_ONLY))
+    again = await client.get(path, headers=accept(IMAGES_ONLY))
     assert again.status == 404  # remembered for that set only
     assert registry.count(path_contains="/manifests/") == calls
 
@@ -203,6 +215,31 @@ async def test_two_thousand_accept_spellings_cost_one_upstream_get_and_a_bounded
     assert len(json.dumps(stored)) < 1000
 
 
+async def test_a_tag_entry_written_by_the_previous_version_is_still_served(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, redis_url: str
+) -> None:
+    registry = fake_upstream.registry
+    amd64 = registry.add_image("legacy/multi", None, [b"amd"], platform="linux/amd64")
+    index = registry.add_index("legacy/multi", "latest", {"linux/amd64": amd64})
+    client = await mirror(redis_url=redis_url)
+    body = await (await client.get(f"/v2/legacy/multi/manifests/{index}")).read()
+    # The previous version's entry: {hash of the raw Accept set: resolution}.
+    legacy = {
+        "5f2b0e7c1a9d3e44": {
+            "digest": index, "media_type": OCI_INDEX, "size": len(body), "checked": time.time(),
+        }
+    }  # fmt: skip
+    await client.app[state.TAGS].backend.set("tag:fake/legacy/multi:latest", legacy)
+    await make_stale(client, "legacy/multi", "latest")
+    await fake_upstream.stop()
+
+    for lines in (CONTAINERD, DOCKERD):
+        response = await client.get("/v2/legacy/multi/manifests/latest", headers=accept(lines))
+        assert response.status == 200
+        assert response.headers["X-Cache"] == "STALE"
+        assert await response.read() == body
+
+
 @pytest.fixture
 async def black_hole() -> AsyncIterator[URL]:
     """A TCP server that accepts connections and never sends a byte."""
@@ -268,7 +305,8 @@ async def test_a_black_holed_revalidation_is_abandoned_by_clients_but_counted_by
     assert response.headers["X-Cache"] == "STALE"
     assert time.monotonic() - started < 1.0
     upstream = client.app[state.UPSTREAMS].get("fake")
-    assert upstream is not None and not upstream.breaker.is_open
+    assert upstream is not None
+    assert not upstream.breaker.is_open
     # The revalidation goes on behind the client's back until the response timeout ...
     await client.app[state.MANIFESTS].settled()
     assert upstream.breaker.is_open
