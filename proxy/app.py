@@ -111,6 +111,7 @@ def create_app(
             if relay is not None:
                 await running.enter_async_context(relay_lifecycle(relay))
             yield
+        await app[state.MANIFESTS].close()
         await store.close()
         app[state.ACCESS].close()
         provenance.close()

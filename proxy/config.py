@@ -107,6 +107,8 @@ class Settings:
     log_level: str = "info"
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    # Until an upstream response's status and headers arrive (a black hole fails within it).
+    response_timeout: float = 10.0
     # A whole blob download, which belongs to the cache and outlives the request that started it.
     download_timeout: float = 3600.0
     tag_ttl: float = 600.0
@@ -380,6 +382,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "log_level": _log_level,
     "connect_timeout": _positive_float,
     "read_timeout": _positive_float,
+    "response_timeout": _positive_duration,
     "download_timeout": _positive_float,
     "tag_ttl": _positive_duration,
     "stale_ttl": _positive_duration,

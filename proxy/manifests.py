@@ -8,11 +8,15 @@ A tag request, in order:
 
 1. a fresh resolution (younger than the tag's TTL) whose manifest is in the store: served
    without contacting the upstream (HIT);
-2. otherwise one revalidation per key at a time, shared by every concurrent request: a HEAD
-   (Docker Hub does not count HEADs as pulls), and a GET only when the digest moved (MISS);
-3. the upstream failing (unreachable, timing out, 5xx, 429) or answering slower than
-   `revalidate_timeout`: the last resolution, however old, is served (STALE);
-4. a 404 is remembered for `negative_ttl`, so a herd asking for a missing tag costs one call.
+2. otherwise one revalidation per tag and set of manifest types at a time, shared by every
+   concurrent request: a HEAD (Docker Hub does not count HEADs as pulls), and a GET only when
+   the digest moved (MISS);
+3. the upstream failing (unreachable, timing out, 5xx, 429, circuit open) or answering slower
+   than `revalidate_timeout`: the last resolution, however old, is served (STALE), whichever
+   client's Accept first resolved it (`tags.TagAnswers`); a slow revalidation goes on in the
+   background, bounded by the upstream's `response_timeout`;
+4. a 404 is remembered for `negative_ttl`, for the set of manifest types it answered
+   (`tags.Misses`), so a herd asking for a missing tag costs one call.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.blobstore import BlobStore, CacheResult
 from proxy.config import Settings
@@ -33,11 +37,11 @@ from proxy.oci import (
     Repository,
     Tag,
     accepted_media_types,
-    accepts,
     manifest_media_type,
+    manifest_types,
 )
-from proxy.tags import Resolution, TagCache, accept_id
-from proxy.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamTimeout
+from proxy.tags import Resolution, TagCache
+from proxy.upstream import Upstream, UpstreamError, UpstreamRefused
 
 # What we ask the upstream for when the client names nothing: every manifest type we know.
 ALL_MANIFEST_TYPES = sorted(MediaType.MANIFESTS)
@@ -105,11 +109,16 @@ class ManifestService:
         *,
         head: bool,
     ) -> ManifestAnswer:
-        accepted = accepted_media_types(accept_lines)
+        types = manifest_types(accepted_media_types(accept_lines))
+        if not types:
+            raise RegistryError(
+                ErrorCode.MANIFEST_UNKNOWN, "the Accept header admits no manifest media type"
+            )
         names = (upstream.name, repository.name, tag.name)
-        if await self.tags.is_missing(*names):
+        if await self.tags.is_missing(*names, types):
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"manifest unknown upstream ({tag})")
-        known = await self.tags.get(*names, accepted)
+        answers = await self.tags.answers(*names)
+        known = answers.choose(types)
         ttl = self.settings.tag_ttl_for(upstream.settings, tag.name)
         if known is not None and time.time() - known.checked < ttl:
             answer = await self._from_resolution(upstream, repository, known, head, CacheResult.HIT)
@@ -117,10 +126,22 @@ class ManifestService:
                 return answer
 
         async def resolve() -> tuple[Resolution, str]:
-            return await self._resolve(upstream, repository, tag, accepted, known, head)
+            cheap_first = head or bool(answers)
+            return await self._resolve(upstream, repository, tag, types, known, cheap_first)
 
-        key = f"{upstream.name}/{repository.name}:{tag.name}#{accept_id(accepted)}"
-        resolution, result = await self._single_flight(key, resolve)
+        key = f"{upstream.name}/{repository.name}:{tag.name}#{','.join(sorted(types))}"
+        pending, joined = self._single_flight(key, resolve)
+        try:
+            # With an answer to fall back on, a slow upstream is no reason to make clients
+            # wait; the revalidation carries on (bounded by the upstream's response timeout)
+            # and its answer is there for the next request.
+            timeout = self.settings.revalidate_timeout if known is not None else None
+            resolution, result = await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except TimeoutError:
+            assert known is not None
+            resolution, result = known, CacheResult.STALE
+        if joined and result == CacheResult.MISS:
+            result = CacheResult.COALESCED
         answer = await self._from_resolution(upstream, repository, resolution, head, result)
         if answer is None:
             raise RegistryError(
@@ -134,48 +155,44 @@ class ManifestService:
         upstream: Upstream,
         repository: Repository,
         tag: Tag,
-        accepted: frozenset[str],
+        types: frozenset[str],
         known: Resolution | None,
-        head: bool,
+        cheap_first: bool,
     ) -> tuple[Resolution, str]:
-        wanted = sorted(accepted) if accepted else ALL_MANIFEST_TYPES
+        """Ask the upstream; `cheap_first`: by HEAD first, which Docker Hub does not count as a
+        pull (worth it when a manifest of this tag is likely cached, or the client asked HEAD)."""
         names = (upstream.name, repository.name, tag.name)
-        # A HEAD revalidates without counting as a pull; a first GET goes straight for the bytes.
-        cheap_first = known is not None or head
         try:
-            # With an answer to fall back on, a slow upstream is no reason to make clients wait.
-            timeout = self.settings.revalidate_timeout if known is not None else None
-            async with asyncio.timeout(timeout):
-                found = (
-                    await upstream.head_manifest(repository, tag, wanted) if cheap_first else None
-                )
-                if found is not None and accepts(accepted, found.media_type):
-                    if known is not None and found.digest == Digest.parse(known.digest):
-                        resolution = Resolution(
-                            known.digest, known.media_type, known.size, time.time()
-                        )
-                        await self.tags.put(*names, accepted, resolution)
-                        return resolution, CacheResult.HIT
-                    if found.digest in self.store:
-                        resolution = Resolution(
-                            str(found.digest), found.media_type, found.size, time.time()
-                        )
-                        await self.tags.put(*names, accepted, resolution)
-                        return resolution, CacheResult.MISS
-                manifest = await upstream.get_manifest(repository, tag, wanted)
+            found = (
+                await upstream.head_manifest(repository, tag, sorted(types))
+                if cheap_first
+                else None
+            )
+            if found is not None and found.media_type in types:
+                if known is not None and found.digest == Digest.parse(known.digest):
+                    resolution = replace(known, checked=time.time())
+                    await self.tags.put(*names, types, resolution)
+                    return resolution, CacheResult.HIT
+                if found.digest in self.store:
+                    resolution = Resolution(
+                        str(found.digest), found.media_type, found.size, time.time()
+                    )
+                    await self.tags.put(*names, types, resolution)
+                    return resolution, CacheResult.MISS
+            manifest = await upstream.get_manifest(repository, tag, sorted(types))
         except UpstreamRefused as refused:
             if refused.code is ErrorCode.MANIFEST_UNKNOWN:
-                await self.tags.put_missing(*names)
-                await self.tags.forget(*names)
+                await self.tags.refused(*names, types)
             raise
-        except (UpstreamError, TimeoutError) as failure:
+        except UpstreamError:
             if known is not None:
                 return known, CacheResult.STALE
-            if isinstance(failure, TimeoutError):
-                raise UpstreamTimeout(upstream.name) from failure
             raise
-        media_type = manifest.media_type or manifest_media_type(manifest.body)
-        if not accepts(accepted, media_type):
+        media_type = manifest.media_type
+        if media_type not in MediaType.MANIFESTS:  # e.g. a registry answering application/json
+            media_type = manifest_media_type(manifest.body)
+        if media_type not in types:
+            await self.tags.refused(*names, types)
             raise RegistryError(
                 ErrorCode.MANIFEST_UNKNOWN,
                 f"upstream offers {media_type}, which the client does not accept",
@@ -183,7 +200,7 @@ class ManifestService:
         self.store.put_small(manifest.digest, manifest.body)
         await self.tags.put_manifest(manifest.digest, manifest.body)
         resolution = Resolution(str(manifest.digest), media_type, len(manifest.body), time.time())
-        await self.tags.put(*names, accepted, resolution)
+        await self.tags.put(*names, types, resolution)
         return resolution, CacheResult.MISS
 
     async def _from_resolution(
@@ -205,17 +222,35 @@ class ManifestService:
             return None
         return ManifestAnswer(resolution.media_type, digest, len(body), body, result)
 
-    async def _single_flight(
+    def _single_flight(
         self, key: str, work: Callable[[], Awaitable[tuple[Resolution, str]]]
-    ) -> tuple[Resolution, str]:
+    ) -> tuple[asyncio.Future[tuple[Resolution, str]], bool]:
+        """The resolution in flight for `key`, started if there is none; and whether it was
+        already running (its other waiters then share one upstream request)."""
         pending = self._resolving.get(key)
         if pending is not None:
-            resolution, result = await asyncio.shield(pending)
-            return resolution, CacheResult.COALESCED if result == CacheResult.MISS else result
+            return pending, True
         future: asyncio.Future[tuple[Resolution, str]] = asyncio.ensure_future(work())
         self._resolving[key] = future
-        future.add_done_callback(lambda _: self._resolving.pop(key, None))
-        return await asyncio.shield(future)
+
+        def done(finished: asyncio.Future[tuple[Resolution, str]]) -> None:
+            if self._resolving.get(key) is finished:
+                del self._resolving[key]
+            if not finished.cancelled():
+                finished.exception()  # retrieved: every waiter may have given up on it
+
+        future.add_done_callback(done)
+        return future, False
+
+    async def settled(self) -> None:
+        """Wait for every resolution in flight, including those all clients gave up on."""
+        await asyncio.gather(*list(self._resolving.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        pending = list(self._resolving.values())
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 class ManifestMemo:

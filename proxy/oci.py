@@ -206,6 +206,19 @@ def accepts(accepted: frozenset[str], media_type: str) -> bool:
     return media_type.split("/", 1)[0] + "/*" in accepted
 
 
+def manifest_types(accepted: frozenset[str]) -> frozenset[str]:
+    """The manifest media types a client admits: all a tag's answer may depend on.
+
+    Every client spells Accept differently (one line or many, any order, extra types such as
+    `application/json`), so the raw header would make every client a stranger to the others.
+    No Accept at all, `*/*` or `application/*` admit every manifest type (RFC 9110, 12.5.1);
+    types that are no manifest type are ignored.
+    """
+    if not accepted or "*/*" in accepted or "application/*" in accepted:
+        return MediaType.MANIFESTS
+    return accepted & MediaType.MANIFESTS
+
+
 @dataclass(frozen=True, slots=True)
 class ApiPath:
     """A parsed `/v2/...` request path: which endpoint, for which repository and reference."""

@@ -75,6 +75,7 @@ class Upstreams:
             upstream,
             connect_timeout=self.settings.connect_timeout,
             read_timeout=self.settings.read_timeout,
+            response_timeout=self.settings.response_timeout,
             breaker=CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown),
             metrics=self.metrics,
             download_slots=(

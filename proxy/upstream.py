@@ -4,7 +4,7 @@ Exceptions raised here (all `RegistryError`s, so the app renders them as OCI err
 
     UpstreamError                     retryable; the upstream could not give an answer
     +-- UpstreamUnavailable           502: refused, reset, DNS, a broken body, a 5xx
-    +-- UpstreamTimeout               504: no answer within the connect or read timeout
+    +-- UpstreamTimeout               504: no answer within the response or read timeout
     +-- UpstreamRateLimited           429: passed on with the upstream's Retry-After
     UpstreamRefused                   not retryable; the upstream answered no (401, 403, 404)
 
@@ -203,6 +203,7 @@ class Upstream:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        response_timeout: float = 10.0,
         breaker: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
         download_slots: tuple[asyncio.Semaphore, ...] = (),
@@ -221,6 +222,10 @@ class Upstream:
         self.max_blob_size = max_blob_size
         self.name = settings.name
         self.breaker = breaker or CircuitBreaker(5, 10.0)
+        # Until a response's status and headers arrive, connecting included. `read_timeout`
+        # (between bytes of a body, which may stall for good reasons) would let a black-holed
+        # upstream (accepts, never answers) hold a request for a minute.
+        self.response_timeout = response_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, connect=connect_timeout,
             sock_read=read_timeout,
@@ -436,9 +441,10 @@ class Upstream:
             raise UpstreamUnavailable(self.name, "failing repeatedly; retrying shortly")
         started = time.monotonic()
         try:
-            response = await self._session_or_new().request(
-                method, url, headers=headers, allow_redirects=False
-            )
+            async with asyncio.timeout(self.response_timeout):
+                response = await self._session_or_new().request(
+                    method, url, headers=headers, allow_redirects=False
+                )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             self.breaker.failure()
             self._count_error(kind, "timeout")
@@ -512,7 +518,10 @@ class Upstream:
                 )  # fmt: skip
         started = time.monotonic()
         try:
-            async with self._session_or_new().get(realm, headers=headers) as response:
+            async with (
+                asyncio.timeout(self.response_timeout),
+                self._session_or_new().get(realm, headers=headers) as response,
+            ):
                 if self.metrics is not None:
                     self.metrics.upstream_duration.labels(self.label, "token").observe(
                         time.monotonic() - started

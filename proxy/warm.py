@@ -11,8 +11,10 @@ command fills a mirror on this host or one across the LAN. For each image:
    its digest, or whose size is not its descriptor's, fails the image.
 
 Blobs shared by several images are fetched once. At most `--concurrency` images and requests
-are in flight. The mirror's `X-Cache` header says whether a blob was already cached (HIT) or
-came from the upstream now. Running it again fetches nothing new: the command is idempotent.
+are in flight. The tag resolution `warm` leaves in the mirror serves every kind of client, not
+just the Accept list `warm` sends, also while the upstream is down (`proxy.tags`). The
+mirror's `X-Cache` header says whether a blob was already cached (HIT) or came from the
+upstream now. Running it again fetches nothing new: the command is idempotent.
 """
 
 from __future__ import annotations
@@ -485,8 +487,11 @@ def add_command(commands: Any) -> None:
         description=(
             "Fetch images (manifests and every blob) through a running mirror's pull API, so "
             "that its cache holds them. References are written as for docker pull: nginx, "
-            "nginx:1.27, ghcr.io/org/app:1.2, host:5000/team/app@sha256:... Exit status 1 "
-            "when any image failed."
+            "nginx:1.27, ghcr.io/org/app:1.2, host:5000/team/app@sha256:... A warmed tag then "
+            "answers every client type (docker, containerd and the CRI, podman, skopeo, "
+            "CRI-O), whatever Accept header it sends, and keeps answering while the upstream "
+            "is down, black-holed or rate limiting (for stale_ttl). Exit status 1 when any "
+            "image failed."
         ),
     )
     warm.add_argument("images", nargs="*", metavar="IMAGE", help="image references")

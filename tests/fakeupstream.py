@@ -277,6 +277,10 @@ class FakeRegistry:
         self.black_hole = False
         # Set when a request has entered the black hole, so a test can await that moment.
         self.black_hole_reached = asyncio.Event()
+        # A tag on an index asked for by a client that takes no index: True serves the
+        # linux/amd64 manifest (Distribution, for a Docker manifest list); False answers 404
+        # (Distribution, for an OCI index: "OCI index found, but accept header does not support").
+        self.index_fallback = True
         self.blob_redirect_to: str | None = None
         self.redirect_loop = False
         self.lie_about_digest: set[str] = set()
@@ -643,7 +647,7 @@ class FakeRegistry:
 
         if acceptable(manifest.media_type):
             return manifest
-        if not by_tag or manifest.media_type not in INDEX_MEDIA_TYPES:
+        if not by_tag or manifest.media_type not in INDEX_MEDIA_TYPES or not self.index_fallback:
             return None
         for entry in json.loads(manifest.body).get("manifests", []):
             plat = entry.get("platform", {})
