@@ -60,6 +60,7 @@ class Upstreams:
                 asyncio.Semaphore(self.settings.max_downloads_per_upstream),
             ),
             max_blob_size=self.settings.max_blob_size,
+            max_manifest_size=self.settings.max_manifest_size,
         )
 
     def __iter__(self) -> Iterator[Upstream]:
