@@ -397,16 +397,14 @@ class Upstream:
         return response.content_length
 
     async def get_tags(self, repository: Repository, query: str) -> tuple[bytes, str | None]:
-        """The tag list body and the `Link` header, rewritten to the client's name."""
+        """The tag list body and the upstream's `Link` header (`proxy.taglist` points it back
+        at the mirror)."""
         remote = self.remote_name(repository)
         path = f"{remote}/tags/list" + (f"?{query}" if query else "")
         body, response = await self._read(
             path, repository, {}, ErrorCode.NAME_UNKNOWN, MAX_TAG_LIST_SIZE
         )
-        link = response.headers.get("Link")
-        if link is not None and remote != repository.name:
-            link = link.replace(f"/v2/{remote}/", f"/v2/{repository.name}/")
-        return body, link
+        return body, response.headers.get("Link")
 
     async def _read(
         self,

@@ -14,7 +14,7 @@ Order in which a request is handled::
         /v2/                                  ping
         /v2/<name>/manifests/<tag|digest>     negotiation by Accept, then the body pipeline
         /v2/<name>/blobs/<digest>             redirect (CDN / loop), Range, then the body pipeline
-        /v2/<name>/tags/list                  sorted, paginated with Link
+        /v2/<name>/tags/list                  sorted, paginated with Link (unless ignore_pagination)
         /token                                bearer token endpoint
         /cdn/<digest>                         the "other host" a blob redirect points at
 
@@ -296,6 +296,8 @@ class FakeRegistry:
         self.gate: dict[str, Gate] = {}
         self.chunk_size = 64 * 1024
         self._faults: list[_Fault] = []
+        # tags/list answers every tag whatever `n` and `last` say, as Distribution 2.8 does.
+        self.ignore_pagination = False
         # Path substring -> an endless body served instead of the route (see HugeBody).
         self.huge_bodies: dict[str, HugeBody] = {}
 
@@ -722,6 +724,8 @@ class FakeRegistry:
         if repo not in self.manifests:
             return _error(404, "NAME_UNKNOWN", f"repository {repo} not known to registry")
         tags = sorted(self.tags.get(repo, {}))
+        if self.ignore_pagination:
+            return web.json_response({"name": repo, "tags": tags})
         last = request.query.get("last")
         if last is not None:
             tags = [t for t in tags if t > last]
