@@ -20,6 +20,7 @@ from proxy.oci import ErrorCode, RegistryError
 from proxy.passthrough import UpstreamAccessCheck
 from proxy.provenance import Provenance, ProvenanceGuard
 from proxy.routing import Upstreams
+from proxy.server import MirrorRunner
 from proxy.tags import TagCache
 from proxy.workers import SINGLE, OwnerRelay, Worker, relay_lifecycle
 
@@ -150,7 +151,7 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
     operator[state.UPSTREAMS] = app[state.UPSTREAMS]
     operator[state.HEALTH] = app[state.HEALTH]
     _add_operator_routes(operator)
-    runner = web.AppRunner(operator, access_log=None)
+    runner = MirrorRunner(operator, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, address[0], address[1]).start()
     try:

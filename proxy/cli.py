@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from proxy import cachecli, warm
+from proxy import cachecli, server, warm
 from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.observability import configure_logging
@@ -183,13 +181,11 @@ def run_worker(settings: Settings, worker: Worker, sock: socket.socket | None) -
     if sock is not None:
         # The supervisor's socket, plus this worker's own Unix socket for relays from others.
         where = {"sock": sock, "path": str(worker.socket_path(worker.index))}
-    web.run_app(
+    server.serve(
         app,
         **where,
         ssl_context=ssl_context,
-        print=None,
         shutdown_timeout=30,
-        access_log=None,
         # Passed through to aiohttp's request handler (its HTTP parser limits).
         max_line_size=settings.max_header_size,
         max_field_size=settings.max_header_size,

@@ -135,6 +135,8 @@ class Settings:
     max_downloads: int = 64
     max_downloads_per_upstream: int = 32
     max_blob_size: int | None = None
+    # The largest manifest (or referrers index) read from an upstream; the spec's 4 MiB.
+    max_manifest_size: int = 4 * 1024 * 1024
     send_timeout: float = 300.0
     max_header_size: int = 8190
     # HTTPS: PEM files, reloaded on SIGHUP or when they change on disk.
@@ -403,6 +405,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "max_downloads": _positive_int,
     "max_downloads_per_upstream": _positive_int,
     "max_blob_size": parse_size,
+    "max_manifest_size": parse_size,
     "send_timeout": _positive_duration,
     "max_header_size": _positive_int,
     "tls_cert": _readable_file,

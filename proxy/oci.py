@@ -133,8 +133,13 @@ class Tag:
 
     @classmethod
     def parse(cls, text: str) -> Tag:
+        # No manifest can have a name outside the grammar, so asking for one is asking for an
+        # unknown manifest: 404 MANIFEST_UNKNOWN, as Distribution answers and the OCI
+        # conformance suite expects (`manifests/.INVALID_MANIFEST_NAME`).
         if not _TAG.fullmatch(text):
-            raise RegistryError(ErrorCode.MANIFEST_INVALID, f"invalid tag {text[:80]!r}")
+            raise RegistryError(
+                ErrorCode.MANIFEST_UNKNOWN, f"invalid tag {text[:80]!r}: neither a tag nor a digest"
+            )
         return cls(text)
 
     def __str__(self) -> str:
@@ -145,7 +150,11 @@ Reference = Tag | Digest
 
 
 def parse_reference(text: str) -> Reference:
-    """A manifest reference is a digest when it has a colon, else a tag."""
+    """A manifest reference is a digest when it has a colon, else a tag.
+
+    A malformed digest is 400 DIGEST_INVALID; any other text that is not a tag is 404
+    MANIFEST_UNKNOWN (see `Tag.parse`).
+    """
     if ":" in text:
         return Digest.parse(text)
     return Tag.parse(text)

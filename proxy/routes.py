@@ -11,6 +11,7 @@ from proxy import passthrough, request_keys, state
 from proxy.blobstore import CacheResult
 from proxy.oci import ApiPath, Digest, ErrorCode, RegistryError, parse_api_path
 from proxy.routing import is_registry_host
+from proxy.taglist import TagQuery
 from proxy.upstream import CLIENT_CREDENTIALS, Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -128,15 +129,13 @@ async def _blob(request: web.Request, upstream: Upstream, api: ApiPath) -> web.S
 
 async def _tags(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:
     assert api.repository is not None
-    # Only the spec's pagination parameters go upstream, re-encoded by us.
-    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
-    if not query.get("n", "0").isdigit():
-        raise RegistryError(ErrorCode.UNSUPPORTED, "n must be a number", status=400)
-    body, link = await upstream.get_tags(api.repository, urlencode(sorted(query.items())))
+    query = TagQuery.parse(request.query)
+    body, link = await upstream.get_tags(api.repository, query.upstream_query())
+    page = query.page(body, link, request.rel_url.raw_path, request.query.get("ns"))
     headers = {"Content-Type": "application/json"}
-    if link is not None:
-        headers["Link"] = link
-    return web.Response(body=body, headers=headers)
+    if page.link is not None:
+        headers["Link"] = page.link
+    return web.Response(body=page.body, headers=headers)
 
 
 async def _referrers(request: web.Request, upstream: Upstream, api: ApiPath) -> web.StreamResponse:

@@ -85,6 +85,7 @@ class Upstreams:
             max_blob_size=self.settings.max_blob_size,
             connector=lambda: self.egress.connector(policy),
             metrics_label=DYNAMIC_LABEL if dynamic else None,
+            max_manifest_size=self.settings.max_manifest_size,
         )
 
     def __iter__(self) -> Iterator[Upstream]:

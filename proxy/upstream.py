@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -42,6 +44,16 @@ KNOWN_REALM_HOSTS: Final = {"registry-1.docker.io": ("auth.docker.io",)}
 # Docker Hub documents a 60 s lifetime when the token response has no expires_in.
 DEFAULT_TOKEN_LIFETIME: Final = 60.0
 READ_BUFFER: Final = 4 * 1024 * 1024
+# Documents read whole are capped, so an upstream cannot make the mirror buffer without bound.
+# Registries should accept manifests of at least 4 MiB (OCI distribution spec 1.1, "Pushing
+# Manifests"), so that is the default of `max_manifest_size`; a tag list of 16 MiB holds some
+# 500,000 tags; a token response is a few KiB of JSON.
+DEFAULT_MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
+MAX_TAG_LIST_SIZE: Final = 16 * 1024 * 1024
+MAX_TOKEN_RESPONSE_SIZE: Final = 1024 * 1024
+# Tokens are cached per scope, i.e. per repository name a client chooses: the table is pruned
+# of expired tokens and capped, least recently used first out.
+MAX_CACHED_TOKENS: Final = 1024
 
 
 class UpstreamError(RegistryError):
@@ -194,6 +206,39 @@ class _Token:
     expires: float
 
 
+class TokenTable:
+    """Bearer tokens by (credentials, scope): expired ones are dropped, and beyond `capacity`
+    the least recently used go first, so clients inventing repository names cannot grow it."""
+
+    def __init__(self, capacity: int = MAX_CACHED_TOKENS) -> None:
+        self.capacity = capacity
+        self._tokens: OrderedDict[str, _Token] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def get(self, key: str, now: float) -> str | None:
+        token = self._tokens.get(key)
+        if token is None:
+            return None
+        if token.expires <= now:
+            del self._tokens[key]
+            return None
+        self._tokens.move_to_end(key)
+        return token.value
+
+    def put(self, key: str, value: str, expires: float, now: float) -> None:
+        self._tokens[key] = _Token(value, expires)
+        self._tokens.move_to_end(key)
+        if len(self._tokens) <= self.capacity:
+            return
+        # Full: first whatever has expired (one pass, only when full), then the least recent.
+        for stale in [k for k, t in self._tokens.items() if t.expires <= now]:
+            del self._tokens[stale]
+        while len(self._tokens) > self.capacity:
+            self._tokens.popitem(last=False)
+
+
 class Upstream:
     """One upstream registry, with one pooled `ClientSession`."""
 
@@ -210,6 +255,7 @@ class Upstream:
         max_blob_size: int | None = None,
         connector: Callable[[], aiohttp.BaseConnector] | None = None,
         metrics_label: str | None = None,
+        max_manifest_size: int = DEFAULT_MAX_MANIFEST_SIZE,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -220,6 +266,7 @@ class Upstream:
             metrics.upstream_bytes.labels(self.label)  # the series exists before any fetch
         self.download_slots = download_slots
         self.max_blob_size = max_blob_size
+        self.max_manifest_size = max_manifest_size
         self.name = settings.name
         self.breaker = breaker or CircuitBreaker(5, 10.0)
         # Until a response's status and headers arrive, connecting included. `read_timeout`
@@ -233,7 +280,7 @@ class Upstream:
         self._connector = connector or _default_connector
         self._session: aiohttp.ClientSession | None = None
         self._challenge: Challenge | None = None
-        self._tokens: dict[str, _Token] = {}
+        self._tokens = TokenTable()
         self._token_fetches: dict[str, asyncio.Future[str]] = {}
 
     async def start(self) -> None:
@@ -268,7 +315,9 @@ class Upstream:
     ) -> Manifest:
         path = f"{self.remote_name(repository)}/manifests/{reference}"
         headers = {"Accept": ", ".join(accept)}
-        body, response = await self._read(path, repository, headers, ErrorCode.MANIFEST_UNKNOWN)
+        body, response = await self._read(
+            path, repository, headers, ErrorCode.MANIFEST_UNKNOWN, self.max_manifest_size
+        )
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         try:
             digest = _verify_manifest(self.name, body, reference, response.headers)
@@ -331,7 +380,10 @@ class Upstream:
     ) -> tuple[bytes, str]:
         """The referrers index (OCI 1.1) as the upstream sent it, and its content type."""
         path = f"{self.remote_name(repository)}/referrers/{digest}" + (f"?{query}" if query else "")
-        body, response = await self._read(path, repository, {}, ErrorCode.MANIFEST_UNKNOWN)
+        # A referrers response is an image index, so it has a manifest's limit.
+        body, response = await self._read(
+            path, repository, {}, ErrorCode.MANIFEST_UNKNOWN, self.max_manifest_size
+        )
         return body, response.headers.get("Content-Type", MediaType.OCI_INDEX)
 
     async def probe(
@@ -358,29 +410,54 @@ class Upstream:
         return response.content_length
 
     async def get_tags(self, repository: Repository, query: str) -> tuple[bytes, str | None]:
-        """The tag list body and the `Link` header, rewritten to the client's name."""
+        """The tag list body and the upstream's `Link` header (`proxy.taglist` points it back
+        at the mirror)."""
         remote = self.remote_name(repository)
         path = f"{remote}/tags/list" + (f"?{query}" if query else "")
-        body, response = await self._read(path, repository, {}, ErrorCode.NAME_UNKNOWN)
-        link = response.headers.get("Link")
-        if link is not None and remote != repository.name:
-            link = link.replace(f"/v2/{remote}/", f"/v2/{repository.name}/")
-        return body, link
+        body, response = await self._read(
+            path, repository, {}, ErrorCode.NAME_UNKNOWN, MAX_TAG_LIST_SIZE
+        )
+        return body, response.headers.get("Link")
 
     async def _read(
-        self, path: str, repository: Repository, headers: Mapping[str, str], not_found: ErrorCode
+        self,
+        path: str,
+        repository: Repository,
+        headers: Mapping[str, str],
+        not_found: ErrorCode,
+        limit: int,
     ) -> tuple[bytes, aiohttp.ClientResponse]:
-        """GET a small document whole (a manifest, a tag list, a referrers index)."""
+        """GET a small document whole (a manifest, a tag list, a referrers index), at most
+        `limit` bytes of it."""
         response = await self._send("GET", path, repository, headers)
         try:
             self._raise_for_status(response, not_found)
-            body = await response.read()
+            body = await self._read_capped(response, limit, _kind(response.url))
         except aiohttp.ClientError as exc:
             log.warning("upstream %s: transfer of %s broke: %s", self.name, path, exc)
             raise UpstreamUnavailable(self.name, "transfer broke") from exc
         finally:
             response.release()
         return body, response
+
+    async def _read_capped(self, response: aiohttp.ClientResponse, limit: int, kind: str) -> bytes:
+        """The body, read as it arrives and given up on (connection closed, nothing more read)
+        as soon as it is known to exceed `limit`: from Content-Length when declared."""
+        declared = response.content_length
+        if declared is None or declared <= limit:
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    break
+            else:
+                return bytes(body)
+        response.close()  # not back to the pool: the rest of the body is never read
+        self._count_error(kind, "too_large")
+        what = _DOCUMENTS.get(kind, kind)
+        raise UpstreamUnavailable(
+            self.name, f"sent a {what} larger than the mirror's limit of {limit} bytes"
+        )
 
     async def _send(
         self, method: str, path: str, repository: Repository | None, headers: Mapping[str, str]
@@ -480,9 +557,9 @@ class Upstream:
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         key = f"{self._credentials_id()}|{scope or ''}"
-        token = self._tokens.get(key)
-        if token is not None and not refresh and token.expires > time.monotonic():
-            return f"Bearer {token.value}"
+        token = None if refresh else self._tokens.get(key, time.monotonic())
+        if token is not None:
+            return f"Bearer {token}"
         # One token request per scope at a time: a herd of misses shares it.
         pending = self._token_fetches.get(key)
         if pending is None:
@@ -536,7 +613,8 @@ class Upstream:
                     raise UpstreamUnavailable(
                         self.name, f"token endpoint answered {response.status}"
                     )
-                document = await response.json(content_type=None)
+                body = await self._read_capped(response, MAX_TOKEN_RESPONSE_SIZE, "token")
+                document = json.loads(body)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             self._count_error("token", "timeout")
             raise UpstreamTimeout(self.name, "token endpoint timed out") from exc
@@ -545,6 +623,8 @@ class Upstream:
             log.warning("upstream %s: token endpoint %s failed: %s", self.name,
                         realm.with_query(None), exc)  # fmt: skip
             raise UpstreamUnavailable(self.name, "token endpoint failed") from exc
+        if not isinstance(document, dict):
+            raise UpstreamUnavailable(self.name, "token endpoint returned no token")
         value = document.get("token") or document.get("access_token")
         if not isinstance(value, str) or not value:
             raise UpstreamUnavailable(self.name, "token endpoint returned no token")
@@ -552,7 +632,8 @@ class Upstream:
         if not isinstance(lifetime, int | float) or lifetime <= 0:
             lifetime = DEFAULT_TOKEN_LIFETIME
         # Renew a little early so a token never expires in flight.
-        self._tokens[key] = _Token(value, time.monotonic() + max(lifetime - 10, 1))
+        now = time.monotonic()
+        self._tokens.put(key, value, now + max(lifetime - 10, 1), now)
         return value
 
     def may_send_credentials_to(self, realm: URL) -> bool:
@@ -600,6 +681,12 @@ class Upstream:
 
 def _default_connector() -> aiohttp.BaseConnector:
     return aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+
+
+_DOCUMENTS: Final = {
+    "manifest": "manifest", "tags": "tag list", "referrers": "referrers index",
+    "token": "token response",
+}  # fmt: skip
 
 
 def _kind(url: URL) -> str:

@@ -10,11 +10,11 @@ URL then refuses connections ("upstream down"), and `start()` binds the same por
 
 Order in which a request is handled::
 
-    record -> black_hole -> down (503) -> fail_next -> auth (/v2/ only) -> route
+    record -> black_hole -> down (503) -> fail_next -> huge_bodies -> auth (/v2/ only) -> route
         /v2/                                  ping
         /v2/<name>/manifests/<tag|digest>     negotiation by Accept, then the body pipeline
         /v2/<name>/blobs/<digest>             redirect (CDN / loop), Range, then the body pipeline
-        /v2/<name>/tags/list                  sorted, paginated with Link
+        /v2/<name>/tags/list                  sorted, paginated with Link (unless ignore_pagination)
         /token                                bearer token endpoint
         /cdn/<digest>                         the "other host" a blob redirect points at
 
@@ -141,6 +141,22 @@ class Gate:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     # How many responses reached the pause point; a second request shows up here.
     hits: int = 0
+
+
+@dataclass
+class HugeBody:
+    """An endless document: `size` bytes of JSON-looking filler for every GET whose path
+    contains the key it is registered under in `FakeRegistry.huge_bodies`.
+
+    `sent` counts the bytes written before the client hung up (or all of them), and `done` is set
+    when the handler stops, so a test can prove a client stopped reading early.
+    """
+
+    size: int
+    content_type: str = OCI_MANIFEST
+    declare_length: bool = True
+    sent: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -291,6 +307,10 @@ class FakeRegistry:
         self.gate: dict[str, Gate] = {}
         self.chunk_size = 64 * 1024
         self._faults: list[_Fault] = []
+        # tags/list answers every tag whatever `n` and `last` say, as Distribution 2.8 does.
+        self.ignore_pagination = False
+        # Path substring -> an endless body served instead of the route (see HugeBody).
+        self.huge_bodies: dict[str, HugeBody] = {}
 
         # Set at shutdown so handlers parked in a black hole or a gate give up at once
         # instead of holding the server's graceful shutdown for its whole timeout.
@@ -474,6 +494,9 @@ class FakeRegistry:
         if fault is not None:
             code = _error_code_for(fault.status, request.path)
             return _error(fault.status, code, f"injected {fault.status}", fault.headers)
+        for key, huge in self.huge_bodies.items():
+            if key in request.path and request.method == "GET":
+                return await self._send_huge(request, huge)
 
         path = request.path
         if path == "/token":
@@ -716,6 +739,8 @@ class FakeRegistry:
         if repo not in self.manifests:
             return _error(404, "NAME_UNKNOWN", f"repository {repo} not known to registry")
         tags = sorted(self.tags.get(repo, {}))
+        if self.ignore_pagination:
+            return web.json_response({"name": repo, "tags": tags})
         last = request.query.get("last")
         if last is not None:
             tags = [t for t in tags if t > last]
@@ -798,6 +823,26 @@ class FakeRegistry:
             _drop(request, flush=True)
             return resp
         await resp.write_eof()
+        return resp
+
+    async def _send_huge(self, request: web.Request, huge: HugeBody) -> web.StreamResponse:
+        """Write `huge.size` bytes (a JSON object opened and padded) until done or cut off."""
+        resp = web.StreamResponse(headers={"Content-Type": huge.content_type})
+        if huge.declare_length:
+            resp.content_length = huge.size
+        filler = b"{" + b" " * (1024 * 1024 - 1)
+        try:
+            await resp.prepare(request)
+            while huge.sent < huge.size:
+                piece = filler[: min(len(filler), huge.size - huge.sent)]
+                await resp.write(piece)
+                huge.sent += len(piece)
+                filler = b" " * len(filler)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading and closed: what the test wants to see
+        finally:
+            huge.done.set()
         return resp
 
     async def _pause(self, gate: Gate) -> bool:

@@ -208,11 +208,11 @@ def test_a_tag_from_the_grammar_parses_and_prints_back_unchanged(text: str) -> N
 @example("a" * 129)
 @example("a" * 128)
 @example("")
-def test_any_text_is_a_valid_tag_or_a_manifest_invalid_error(text: str) -> None:
+def test_any_text_is_a_valid_tag_or_a_manifest_unknown_error(text: str) -> None:
     try:
         tag = Tag.parse(text)
     except RegistryError as error:
-        _assert_code(error, ErrorCode.MANIFEST_INVALID)
+        _assert_code(error, ErrorCode.MANIFEST_UNKNOWN)
     else:
         assert re.fullmatch(TAG_GRAMMAR, text)
         assert str(tag) == text
@@ -228,7 +228,7 @@ def test_any_reference_text_parses_or_raises_the_code_for_what_it_looks_like(tex
     try:
         reference = parse_reference(text)
     except RegistryError as error:
-        expected = ErrorCode.DIGEST_INVALID if ":" in text else ErrorCode.MANIFEST_INVALID
+        expected = ErrorCode.DIGEST_INVALID if ":" in text else ErrorCode.MANIFEST_UNKNOWN
         _assert_code(error, expected)
     else:
         assert str(reference) == text
@@ -341,8 +341,6 @@ def test_writes_and_the_catalog_are_unsupported_endpoints(text: str) -> None:
         ("../x/manifests/latest", ErrorCode.NAME_INVALID),
         ("a//b/manifests/latest", ErrorCode.NAME_INVALID),
         ("x/manifests/sha256:totallywrong", ErrorCode.DIGEST_INVALID),
-        ("x/manifests/-bad-tag", ErrorCode.MANIFEST_INVALID),
-        ("x/manifests/", ErrorCode.MANIFEST_INVALID),
         ("x/blobs/latest", ErrorCode.DIGEST_INVALID),
         ("x/referrers/latest", ErrorCode.DIGEST_INVALID),
     ],
@@ -352,6 +350,24 @@ def test_a_bad_name_or_reference_in_a_path_raises_its_own_code(text: str, code: 
         parse_api_path(text)
     _assert_code(raised.value, code)
     assert raised.value.status == HTTPStatus.BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x/manifests/.INVALID_MANIFEST_NAME",
+        "x/manifests/-bad-tag",
+        "x/manifests/",
+        "x/manifests/" + "a" * 129,
+    ],
+)
+def test_a_reference_that_is_neither_a_tag_nor_a_digest_is_an_unknown_manifest(text: str) -> None:
+    """No manifest can have such a name: 404 MANIFEST_UNKNOWN, as Distribution answers and the
+    OCI conformance suite expects (this replaced an earlier 400 MANIFEST_INVALID)."""
+    with pytest.raises(RegistryError) as raised:
+        parse_api_path(text)
+    _assert_code(raised.value, ErrorCode.MANIFEST_UNKNOWN)
+    assert raised.value.status == HTTPStatus.NOT_FOUND
 
 
 @pytest.mark.parametrize("text", ["library", "a/unknown", "tags/list", "a/tags/other", "v2"])

@@ -149,7 +149,8 @@ async def test_a_client_that_does_not_accept_indexes_never_gets_one(
     ("method", "path", "status", "code"),
     [
         ("GET", "/v2/Upper/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/a/manifests/bad!tag", 400, "MANIFEST_INVALID"),
+        ("GET", "/v2/a/manifests/bad!tag", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
         ("GET", "/v2/a/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/sha256:abc", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/md5:" + "0" * 32, 400, "DIGEST_INVALID"),

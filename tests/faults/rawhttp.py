@@ -22,6 +22,7 @@ from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
+from proxy.server import MirrorRunner
 
 API_VERSION = "Docker-Distribution-API-Version"
 
@@ -35,7 +36,8 @@ class RawResponse:
 
     @property
     def from_a_handler(self) -> bool:
-        """aiohttp's own parser errors (400/431 before routing) never reach the app's hooks."""
+        """Requests aiohttp's parser refused never reach the app's hooks: they are answered by
+        `proxy.server.MirrorRequestHandler`, without the registry's API version header."""
         return API_VERSION in self.headers
 
 
@@ -91,7 +93,7 @@ class ThreadedMirror:
     upstream: FakeUpstreamServer = field(default_factory=FakeUpstreamServer)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+    _runner: MirrorRunner | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -124,7 +126,8 @@ class ThreadedMirror:
             connect_timeout=2.0,
             read_timeout=5.0,
         )
-        self._runner = web.AppRunner(create_app(settings), access_log=None)
+        # The runner `registry-proxy serve` uses, so malformed HTTP is answered as in production.
+        self._runner = MirrorRunner(create_app(settings), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -1,15 +1,17 @@
 """Generated and hostile requests: never a 500, never a traceback, always an OCI error body.
 
 Requests go out as raw bytes (`rawhttp.send_raw`), so `..`, `%2e%2e`, NUL and backslashes reach
-the server as written. Some inputs never reach the mirror: aiohttp's HTTP parser answers them
-itself (400, text body, no registry headers) before any handler runs. Those are recorded, and
-`test_requests_the_http_parser_rejects_never_reach_the_mirror` pins down which they are.
+the server as written. Some inputs never reach the app: aiohttp's HTTP parser refuses them before
+any handler runs, and `proxy.server.MirrorRequestHandler` answers them (400, 414, 431 or 501, an
+OCI error body, no registry headers, at most a rate-limited warning line). Those are recorded,
+and `test_requests_the_http_parser_rejects_never_reach_the_mirror` pins down which they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from integration.registry import Mirror
 
 from faults.rawhttp import RawResponse, ThreadedMirror, build_request, send_raw
 from faults.support import audit_cache, oci_error_code
+from proxy.server import MALFORMED_LINES_PER_WINDOW, MalformedRequestLog
 
 REPOSITORY: Final = "team/app"
 SENTINEL: Final = b"sentinel outside the cache: " + os.urandom(16).hex().encode()
@@ -178,10 +181,10 @@ def check(
     assert b"Traceback" not in response.body
     assert response.status != 500, (target, response.body[:300])
     if not response.from_a_handler:
-        # aiohttp's parser answered before the mirror saw anything.
-        assert response.status in (400, 413, 414, 431), response
-        reason = response.body.split(b"\n")[0].split(b":")[0].decode("latin-1")
-        PARSER_REJECTIONS.append((reason, request))
+        # aiohttp's parser refused it before the app saw anything.
+        assert response.status in (400, 414, 431, 501), response
+        oci_error_code(response.body)
+        PARSER_REJECTIONS.append((json.loads(response.body)["errors"][0]["message"], request))
     elif response.status >= 400 and method != "HEAD":
         oci_error_code(response.body)
     audit = audit_cache(mirror.cache_dir, junk=[known.sentinels[1]])
@@ -298,32 +301,39 @@ HTTP_METHODS: Final = {
     "PATCH",
 }
 PARSER_LEVEL: Final = [
-    ("NUL in the path", "GET", "/v2/a\x00b/manifests/1.0", []),
-    ("a raw non-ASCII byte in the path", "GET", "/v2/caf\u00e9/manifests/1.0", []),
-    ("a space in the path", "GET", "/v2/a b/manifests/1.0", []),
-    ("a request line over 8190 bytes", "GET", "/v2/" + "a" * 9000 + "/manifests/1.0", []),
-    ("a header over 8190 bytes", "GET", "/v2/", [("Accept", "a" * 9000)]),
-    ("a control character in a header", "GET", "/v2/", [("Range", "bytes=\x01-2")]),
-    ("DEL in a header", "GET", "/v2/", [("Accept", "\x7f")]),
-    ("a lower-case method", "get", "/v2/", []),
-    ("a method HTTP does not define", "FOO", "/v2/", []),
-    ("an asterisk target", "GET", "*", []),
+    ("NUL in the path", "GET", "/v2/a\x00b/manifests/1.0", [], 400),
+    ("a raw non-ASCII byte in the path", "GET", "/v2/caf\u00e9/manifests/1.0", [], 400),
+    ("a space in the path", "GET", "/v2/a b/manifests/1.0", [], 400),
+    ("a request line over 8190 bytes", "GET", "/v2/" + "a" * 9000 + "/manifests/1.0", [], 414),
+    ("a header over 8190 bytes", "GET", "/v2/", [("Accept", "a" * 9000)], 431),
+    ("a header name over 8190 bytes", "GET", "/v2/", [("X" * 9000, "a")], 431),
+    ("too many headers", "GET", "/v2/", [(f"X-{i}", "a") for i in range(200)], 431),
+    ("a control character in a header", "GET", "/v2/", [("Range", "bytes=\x01-2")], 400),
+    ("DEL in a header", "GET", "/v2/", [("Accept", "\x7f")], 400),
+    ("a lower-case method", "get", "/v2/", [], 501),
+    ("a method HTTP does not define", "FOO", "/v2/", [], 501),
+    ("an asterisk target", "GET", "*", [], 400),
 ]
 
 
 @pytest.mark.parametrize(
-    ("method", "target", "headers"),
-    [pytest.param(m, t, h, id=name) for name, m, t, h in PARSER_LEVEL],
+    ("method", "target", "headers", "status"),
+    [pytest.param(m, t, h, s, id=name) for name, m, t, h, s in PARSER_LEVEL],
 )
 def test_requests_the_http_parser_rejects_never_reach_the_mirror(
-    served: tuple[ThreadedMirror, Known], method: str, target: str, headers: list[tuple[str, str]]
+    served: tuple[ThreadedMirror, Known],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    status: int,
 ) -> None:
     mirror, _ = served
     calls = mirror.upstream.registry.count()
     response = send_raw(mirror.port, build_request(method, target, headers))
-    assert response.status == 400
+    assert response.status == status
     assert not response.from_a_handler
-    assert b"Traceback" not in response.body
+    assert response.headers["Content-Type"] == "application/json"
+    assert oci_error_code(response.body) == "UNSUPPORTED"
     assert mirror.upstream.registry.count() == calls
 
 
@@ -366,3 +376,61 @@ def test_the_served_mirror_applies_its_header_limit_without_a_warning_per_connec
     assert "Failed to create request handler" not in mirror.log_text()
     assert large.status == 200
     assert large.from_a_handler
+
+
+# ------------------------------------------------------------------ malformed HTTP, served
+
+TLS_CLIENT_HELLO: Final = bytes.fromhex("16030100a5010000a10303") + os.urandom(32)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_scan_of_malformed_requests_gets_fitting_statuses_and_a_bounded_quiet_log(
+    tmp_path: Path, workers: str
+) -> None:
+    """Each parser-level rejection is answered with its status and an OCI body, and the served
+    mirror logs no traceback and no error, at most a rate-limited number of warning lines; the
+    TLS handshake skopeo and podman try first is not even a warning."""
+    mirror = Mirror(tmp_path, "http://127.0.0.1:9", "--log-level", "info", "--workers", workers)
+    mirror.start()
+    rounds = 4
+    try:
+        for _ in range(rounds):
+            for _name, method, target, headers, status in PARSER_LEVEL:
+                response = send_raw(mirror.port, build_request(method, target, headers))
+                assert response.status == status, (_name, response)
+                assert oci_error_code(response.body) == "UNSUPPORTED"
+            tls = send_raw(mirror.port, TLS_CLIENT_HELLO)
+            assert tls.status == 400
+        assert send_raw(mirror.port, build_request("GET", "/v2/")).status == 200
+    finally:
+        mirror.stop()
+    log = mirror.log_text()
+    assert "Traceback" not in log
+    assert '"level": "error"' not in log
+    warnings = [line for line in log.splitlines() if "malformed request" in line]
+    assert all('"level": "warning"' in line for line in warnings)
+    # Per worker process, at most one window's worth of lines for the whole scan.
+    assert 0 < len(warnings) <= MALFORMED_LINES_PER_WINDOW * int(workers)
+    assert len(PARSER_LEVEL) * rounds > MALFORMED_LINES_PER_WINDOW * int(workers)
+    assert "TLS handshake" not in log
+
+
+def test_malformed_request_lines_are_rate_limited_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    limiter = MalformedRequestLog(limit=3, window=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="registry_proxy.http"):
+        for _ in range(10):
+            limiter.warn("10.0.0.9", 431, "request header too large")
+        assert len(caplog.records) == 3
+        assert limiter.suppressed == 7
+        now[0] = 59.0
+        limiter.warn("10.0.0.9", 400, "malformed HTTP request")
+        assert len(caplog.records) == 3
+        now[0] = 60.0  # a new window: the count of what went unlogged, then the line itself
+        limiter.warn("10.0.0.9", 414, "request line too long")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[3] == "8 more malformed requests were answered without a log line"
+    assert messages[4] == "malformed request from 10.0.0.9 answered 414: request line too long"
+    assert len(messages) == 5
