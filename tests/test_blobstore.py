@@ -133,20 +133,22 @@ async def test_a_blob_larger_than_the_budget_is_not_cached(tmp_path: Path) -> No
     assert files_under(store.root) == []
 
 
-def put(store: BlobStore, size: int) -> Digest:
+async def put(store: BlobStore, size: int) -> Digest:
+    """Store a blob; when it needs room, it lands once its victims are deleted from disk."""
     digest, data = random_blob(size)
     store.put_small(digest, data)
+    await store.idle()
     return digest
 
 
 async def test_the_least_recently_used_blob_is_evicted_first(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    a, b, c = put(store, 100_000), put(store, 100_000), put(store, 100_000)
+    a, b, c = await put(store, 100_000), await put(store, 100_000), await put(store, 100_000)
     with store.open_blob(a) as hit:
         assert hit is not None  # a is now the most recent
 
-    d = put(store, 100_000)
+    d = await put(store, 100_000)
     assert b not in store
     assert {a, c, d} <= {x for x in (a, b, c, d) if x in store}
     assert store.stats().size == 300_000
@@ -159,11 +161,11 @@ async def test_a_blob_being_read_is_passed_over_and_survives_eviction(tmp_path: 
     await store.open()
     digest, data = random_blob(100_000)
     store.put_small(digest, data)
-    other = put(store, 100_000)
+    other = await put(store, 100_000)
     with store.open_blob(digest) as opened:
         assert opened is not None
         fd, size = opened
-        put(store, 100_000)  # must evict, and the leased blob is passed over
+        await put(store, 100_000)  # must evict, and the leased blob is passed over
         assert digest in store
         assert other not in store
         store.evict(digest)  # an operator evicts it anyway: the reader is undisturbed
@@ -177,7 +179,7 @@ async def test_restart_rebuilds_the_index_in_recency_order_and_drops_partials(
 ) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    old, new = put(store, 100_000), put(store, 100_000)
+    old, new = await put(store, 100_000), await put(store, 100_000)
     past = time.time() - 3600
     os.utime(store.blob_path(old), (past, past))
     abandoned = store.temp_dir / "sha256-abandoned"
@@ -195,7 +197,7 @@ async def test_restart_rebuilds_the_index_in_recency_order_and_drops_partials(
     assert live.exists()
     assert new in restarted
     assert old in restarted
-    put(restarted, 100_000)  # over budget: the older blob goes first
+    await put(restarted, 100_000)  # over budget: the older blob goes first
     assert old not in restarted
     assert new in restarted
 
@@ -212,10 +214,10 @@ async def test_a_file_corrupted_on_disk_is_never_served_as_a_manifest(store: Blo
 async def test_pinned_blobs_survive_eviction_pressure(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    pinned = put(store, 100_000)
+    pinned = await put(store, 100_000)
     store.pin(frozenset({pinned}), {pinned: 100_000})
     for _ in range(5):
-        put(store, 100_000)
+        await put(store, 100_000)
     assert pinned in store
     assert store.stats().size <= 300_000
 
@@ -230,7 +232,7 @@ async def test_a_pin_set_larger_than_the_budget_is_refused(tmp_path: Path) -> No
 
 
 async def test_verify_evicts_blobs_corrupted_on_disk(store: BlobStore) -> None:
-    good, bad = put(store, 5000), put(store, 5000)
+    good, bad = await put(store, 5000), await put(store, 5000)
     path = store.blob_path(bad)
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01  # a single bit flip
@@ -245,7 +247,7 @@ async def test_a_blob_changed_on_disk_while_stopped_is_caught_on_its_first_read(
 ) -> None:
     store = BlobStore(tmp_path, 1_000_000)
     await store.open()
-    good, bad = put(store, 5000), put(store, 5000)
+    good, bad = await put(store, 5000), await put(store, 5000)
     path = store.blob_path(bad)
     data = bytearray(path.read_bytes())
     data[4999] ^= 0x80
