@@ -199,10 +199,12 @@ class Download:
             if stream is not None:
                 stream.close()
             if fd >= 0:
+                # Only a file this download created, and under its flock: never another
+                # process's download of the same digest.
+                if self.state is not State.COMPLETE:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.temp_path)
                 os.close(fd)  # releases the flock
-            if self.state is not State.COMPLETE:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.temp_path)
             self.store.release_reservation(reserved)
             self.store.download_finished(self)
             self.ready.set()

@@ -259,3 +259,84 @@ async def test_a_blob_changed_on_disk_while_stopped_is_caught_on_its_first_read(
     await restarted.ensure_verified(good)
     assert bad not in restarted
     assert good in restarted
+
+
+def mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
+
+
+async def test_cache_files_are_0600_and_directories_0700_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    previous = os.umask(0)  # the most permissive umask: modes must come from the mirror itself
+    try:
+        store = BlobStore(tmp_path / "cache", 10 * 1024 * 1024)
+        await store.open()
+        digest, data = random_blob(300_000)
+        download, _ = store.download(digest, CountingOpener(data))
+        assert await read_all(download) == data
+        manifest = await put(store, 1000)
+    finally:
+        os.umask(previous)
+    for directory in (store.root, store.blobs_dir, store.temp_dir, store.blob_path(digest).parent):
+        assert mode(directory) == 0o700, directory
+    assert mode(store.blob_path(digest).parent.parent) == 0o700
+    assert mode(store.blob_path(digest)) == 0o600
+    assert mode(store.blob_path(manifest)) == 0o600
+
+
+async def test_a_cache_written_by_an_older_release_is_read_and_closed_to_other_users(
+    tmp_path: Path,
+) -> None:
+    """Older releases left 0755 directories and 0644 files: still served, no longer reachable."""
+    digest, data = random_blob(5000)
+    old = BlobStore(tmp_path, 1_000_000)
+    path = old.blob_path(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    for made in (path, *path.parents):
+        if made == tmp_path:
+            break
+        made.chmod(0o755 if made.is_dir() else 0o644)
+    (tmp_path / "tmp").mkdir(0o755)
+
+    store = BlobStore(tmp_path, 1_000_000)
+    await store.open()
+    assert store.read_small(digest) == data
+    assert mode(store.blobs_dir) == mode(store.temp_dir) == 0o700
+
+
+async def test_a_symlink_planted_at_a_download_path_is_never_written_through(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the mirror's to overwrite")
+    digest, data = random_blob(100_000)
+    store.temp_path(digest).symlink_to(victim)
+
+    download, _ = store.download(digest, CountingOpener(data))
+    assert await read_all(download) == data
+    assert download.task is not None
+    await download.task
+    assert victim.read_bytes() == b"not the mirror's to overwrite"
+    assert store.blob_path(digest).read_bytes() == data
+    assert not store.blob_path(digest).is_symlink()
+
+
+async def test_a_temporary_file_another_process_is_writing_is_left_alone(
+    store: BlobStore,
+) -> None:
+    digest, data = random_blob(100_000)
+    temp = store.temp_path(digest)
+    temp.write_bytes(b"another process's partial download")
+    holder = os.open(temp, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        download, _ = store.download(digest, CountingOpener(data))
+        assert download.task is not None
+        await download.task
+        assert download.state is State.DEGRADED  # its readers continue from upstream
+        assert temp.read_bytes() == b"another process's partial download"
+        assert digest not in store
+    finally:
+        os.close(holder)
