@@ -37,7 +37,7 @@ WAIT_SECONDS = 10.0
 # Every access log line carries at least these (README "Observability").
 ACCESS_FIELDS = {
     "time", "level", "logger", "remote", "method", "path", "route", "status", "bytes",
-    "duration_ms", "cache", "upstream", "user_agent",
+    "aborted", "duration_ms", "cache", "upstream", "user_agent",
 }  # fmt: skip
 
 
