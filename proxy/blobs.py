@@ -2,7 +2,8 @@
 
 Every path here ends in one of two ways: the client has received exactly the bytes it asked
 for, or its connection is aborted before the body completes, so no client can take a broken or
-unverified transfer for a good one.
+unverified transfer for a good one. An aborted response is marked on the request (`ABORTED`,
+with its cause), so the access log and the metrics tell it from a success with the same status.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from proxy.blobstore import (
 from proxy.metrics import Metrics
 from proxy.oci import Digest, ErrorCode, RegistryError, Repository
 from proxy.ranges import ByteRange, parse_range
-from proxy.request_keys import BYTES_SENT
+from proxy.request_keys import ABORTED, BYTES_SENT
 from proxy.upstream import Upstream
 from proxy.workers import RELAY_HEADER, OwnerRelay
 
@@ -60,6 +61,14 @@ class Body:
         if byte_range is None:
             return cls(0, size - 1)
         return cls(byte_range.start, byte_range.end)
+
+
+class ClientGone(Exception):
+    """The client went away, or stopped reading for `send_timeout`, in the middle of a body."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.stalled = isinstance(exc, TimeoutError)
+        super().__init__("client stopped reading" if self.stalled else "client went away")
 
 
 class Transfer:
@@ -99,20 +108,25 @@ class Transfer:
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         transport = self.request.transport
         if transport is None:
-            raise ConnectionResetError("client went away")
+            raise ClientGone(ConnectionResetError())
         loop = asyncio.get_running_loop()
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
             end = offset + count
             while offset < end:
                 piece = min(self.PIECE, end - offset)
-                async with asyncio.timeout(self.send_timeout):
-                    await loop.sendfile(transport, file, offset, piece)
+                # sendfile leaves the file position after the bytes it sent, even when it fails.
+                file.seek(offset)
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await loop.sendfile(transport, file, offset, piece)
+                except (ConnectionError, TimeoutError) as exc:
+                    self._sent(file.tell() - offset)
+                    raise ClientGone(exc) from exc
                 offset += piece
                 self._sent(piece)
 
     async def write(self, chunk: bytes) -> None:
-        async with asyncio.timeout(self.send_timeout):
-            await self.response.write(chunk)
+        await _send(self.response, chunk, self.send_timeout)
         self._sent(len(chunk))
 
 
@@ -190,10 +204,12 @@ class BlobService:
             if answer.content_length is not None:
                 response.content_length = answer.content_length
             await response.prepare(request)
+            # Counted here for the access log only: the owner counts the served bytes metric.
+            request[BYTES_SENT] = 0
             try:
                 async for chunk in answer.content.iter_chunked(256 * 1024):
-                    async with asyncio.timeout(self.send_timeout):
-                        await response.write(chunk)
+                    await _send(response, chunk, self.send_timeout)
+                    request[BYTES_SENT] += len(chunk)
             except Exception as exc:
                 _abort(request, digest, exc)
                 return response
@@ -246,7 +262,11 @@ class BlobService:
         body = Body.for_range(byte_range, size)
         if body.end >= body.start:
             transfer = Transfer(request, response, result, self.metrics, self.send_timeout)
-            await transfer.send_file(fd, body.start, body.end - body.start + 1)
+            try:
+                await transfer.send_file(fd, body.start, body.end - body.start + 1)
+            except Exception as exc:
+                self._abort(request, digest, exc)
+                return response
         await response.write_eof()
         return response
 
@@ -355,11 +375,27 @@ def _response(
     return response
 
 
+async def _send(response: web.StreamResponse, chunk: bytes, send_timeout: float) -> None:
+    try:
+        async with asyncio.timeout(send_timeout):
+            await response.write(chunk)
+    except (ConnectionError, TimeoutError) as exc:
+        raise ClientGone(exc) from exc
+
+
 def _abort(request: web.Request, digest: Digest, exc: BaseException) -> None:
     """Break the connection mid-body: the short body tells the client the transfer failed."""
-    if isinstance(exc, ConnectionError):
-        log.debug("client went away during %s", digest)
+    if isinstance(exc, ClientGone):
+        request[ABORTED] = "client"
+        if exc.stalled:
+            log.warning("aborting transfer of %s: %s", digest, exc)
+        else:
+            log.debug("client went away during %s", digest)
     else:
+        # The upstream (or the worker owning the blob) failed, or sent bytes that do not match.
+        request[ABORTED] = (
+            "upstream" if isinstance(exc, RegistryError | aiohttp.ClientError) else "mirror"
+        )
         log.warning("aborting transfer of %s: %s", digest, exc)
     if request.transport is not None:
         request.transport.abort()

@@ -15,6 +15,11 @@ Layout under the cache directory::
     +-- run/                            with --workers: Unix sockets, metrics files (workers.py)
     +-- provenance.sqlite(-wal, -shm, -journal)  where each digest was seen (provenance.py)
 
+Directories are created 0700 and files 0600 (cached images may be private; other local users
+have no business reading them), whatever the umask; start-up tightens `blobs/` and `tmp/` left
+0755 by older releases, which keeps their 0644 files out of reach. Files are created with
+O_EXCL | O_NOFOLLOW, so nothing planted in `tmp/` is followed or reused.
+
 Invariants:
 
 * A file under `blobs/` is complete and its bytes hash to its name: downloads are written to
@@ -23,9 +28,12 @@ Invariants:
 * One download per digest. It belongs to the store, not to the request that started it, so it
   outlives a client that disconnects. Every reader of that digest streams from the growing
   temporary file as bytes land (waiting on an event), then, after the rename, from the same inode.
-* The bytes of complete blobs plus the reservations of downloads never exceed the budget.
-  Eviction takes the least recently used blob that nobody is reading. A reader holds an open
-  file descriptor, so even a blob evicted under it stays readable to the end.
+* The budget is hard: the bytes on disk never exceed it, at any instant. Complete blobs, the
+  whole size of every download in flight (reserved before its first byte is written) and
+  evicted blobs until their files are really gone all count. Eviction takes the least recently
+  used blob that nobody is reading; a download waits for its victims' deletion before it writes.
+  A reader holds an open file descriptor, so even a blob evicted under it (by an operator)
+  stays readable to the end, and its bytes count until that reader closes it.
 * The temporary file's name and its flock are the coordination point between processes sharing
   a directory: start-up only removes temporary files whose lock nobody holds.
 """
@@ -43,6 +51,7 @@ import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -54,6 +63,10 @@ log = logging.getLogger(__name__)
 # Refresh a hit's mtime (the recency that survives a restart) at most this often.
 TOUCH_INTERVAL: Final = 60.0
 READ_CHUNK: Final = 1024 * 1024
+FILE_MODE: Final = 0o600
+DIR_MODE: Final = 0o700
+# A new file of our own: never through a symlink, never one that already exists.
+CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class BlobSource(Protocol):
@@ -110,6 +123,8 @@ class StoreStats:
     entries: int
     reserved: int
     budget: int
+    # Evicted blobs still on disk: being deleted, or held open by a reader.
+    deleting: int = 0
 
 
 class State(enum.Enum):
@@ -161,7 +176,7 @@ class Download:
                 if stream.size is None:
                     raise NotCacheable("upstream did not send the blob's size")
                 self.size = stream.size
-                reserved = self.store.reserve(stream.size)
+                reserved = await self.store.reserve(stream.size)
                 fd = self._open_temp()
                 self.state = State.STREAMING
                 self.ready.set()
@@ -185,17 +200,26 @@ class Download:
             if stream is not None:
                 stream.close()
             if fd >= 0:
+                # Only a file this download created, and under its flock: never another
+                # process's download of the same digest.
+                if self.state is not State.COMPLETE:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.temp_path)
                 os.close(fd)  # releases the flock
-            if self.state is not State.COMPLETE:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.temp_path)
             self.store.release_reservation(reserved)
             self.store.download_finished(self)
             self.ready.set()
             self._notify()
 
     def _open_temp(self) -> int:
-        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.temp_path, os.O_RDWR | CREATE_FLAGS, FILE_MODE)
+        except FileExistsError:
+            # Left by a process that died since start-up's sweep; one being written (its
+            # flock held) is not touched, and this download streams through instead.
+            if not _remove_unlocked(self.temp_path):
+                raise
+            fd = os.open(self.temp_path, os.O_RDWR | CREATE_FLAGS, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -222,7 +246,7 @@ class Download:
 
     def _commit(self) -> None:
         assert self.size is not None
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.make_shard_dir(self.digest)
         os.rename(self.temp_path, self.final_path)
         self.state = State.COMPLETE
         self.store.add_entry(self.digest, self.size)
@@ -308,6 +332,15 @@ class BlobStore:
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._deletions: set[asyncio.Task[None]] = set()
+        self._small_writes: dict[Digest, asyncio.Task[None]] = {}
+        # Bytes of evicted blobs still on disk: unlinks under way, and files unlinked while a
+        # reader of that digest held them open (freed when the last lease goes).
+        self._deleting = 0
+        self._held_open: Counter[Digest] = Counter()
+        self._deleted = asyncio.Event()  # set, and replaced, each time evicted bytes are freed
+        # Unlinking a large file can take a while; a thread of its own, so that frees are not
+        # queued behind the fsyncs and hashing in the default pool while downloads wait on them.
+        self._unlinker: ThreadPoolExecutor | None = None
         self._eviction_names = itertools.count()
         self.writable = True
         self.digest_mismatches = 0
@@ -327,6 +360,13 @@ class BlobStore:
     def blob_path(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.algorithm / digest.encoded[:2] / digest.encoded
 
+    def make_shard_dir(self, digest: Digest) -> None:
+        """Create the directories a blob is renamed into, 0700 each."""
+        algorithm = self.blobs_dir / digest.algorithm
+        for directory in (algorithm, algorithm / digest.encoded[:2]):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, DIR_MODE)
+
     def temp_path(self, digest: Digest) -> Path:
         return self.temp_dir / f"{digest.algorithm}-{digest.encoded}"
 
@@ -336,8 +376,9 @@ class BlobStore:
         """Rebuild the index from disk and clear abandoned downloads, off the event loop."""
         started = time.monotonic()
         try:
-            self.blobs_dir.mkdir(parents=True, exist_ok=True)
-            self.temp_dir.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(DIR_MODE, parents=True, exist_ok=True)
+            for directory in (self.blobs_dir, self.temp_dir):
+                private_dir(directory)
         except OSError as exc:
             self.writable = False
             log.warning("cache dir %s unusable, passing blobs through: %s", self.root, exc)
@@ -356,7 +397,18 @@ class BlobStore:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._deletions, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.idle()
+        if self._unlinker is not None:
+            self._unlinker.shutdown()
+            self._unlinker = None
+
+    async def idle(self) -> None:
+        """Wait until evicted files are deleted and deferred manifest writes have landed."""
+        while self._deletions or self._small_writes:
+            await asyncio.gather(
+                *self._deletions, *self._small_writes.values(), return_exceptions=True
+            )
 
     def _scan(self) -> dict[Digest, Entry]:
         entries: dict[Digest, Entry] = {}
@@ -385,25 +437,16 @@ class BlobStore:
             with contextlib.suppress(RegistryError):
                 if not self.owns(Digest.parse(f"{algorithm}:{encoded}")):
                     continue  # its owner cleans it up
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # another process is writing it
-            finally:
-                os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                removed += 1
+                if _remove_unlocked(Path(entry.path)):  # else another process is writing it
+                    removed += 1
         return removed
 
     # --- reading
 
     def stats(self) -> StoreStats:
-        return StoreStats(self._size, len(self._entries), self._reserved, self.budget)
+        deleting = self._deleting + self._held_open.total()
+        return StoreStats(self._size, len(self._entries), self._reserved, self.budget, deleting)
 
     def __contains__(self, digest: Digest) -> bool:
         return digest in self._entries
@@ -505,9 +548,15 @@ class BlobStore:
     # --- writing
 
     def put_small(self, digest: Digest, data: bytes) -> None:
-        """Store a small verified blob (a manifest) synchronously; failures only log."""
+        """Store a small verified blob (a manifest); failures only log.
+
+        Written at once when it fits; when it needs room, the victims are evicted now and the
+        write follows their deletion in a task (`idle` waits for it), never blocking the loop
+        on a large unlink.
+        """
         if (
             digest in self._entries
+            or digest in self._small_writes
             or not self.owns(digest)
             or not self.writable
             or len(data) > self.budget
@@ -515,16 +564,38 @@ class BlobStore:
             return
         if Digest.of(data, digest.algorithm) != digest:
             raise DigestMismatch(digest, "digest mismatch")
-        temp = self.temp_dir / f"{digest.algorithm}-{digest.encoded}.{os.getpid()}.small"
         try:
-            reserved = self.reserve(len(data))
+            reserved = self._try_reserve(len(data))
         except NotCacheable:
             return
+        if reserved is not None:
+            self._write_small(digest, data, reserved)
+            return
+        task = asyncio.get_running_loop().create_task(self._put_small_later(digest, data))
+        self._small_writes[digest] = task
+        task.add_done_callback(lambda _: self._small_writes.pop(digest, None))
+
+    async def _put_small_later(self, digest: Digest, data: bytes) -> None:
         try:
-            temp.write_bytes(data)
-            path = self.blob_path(digest)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(temp, path)
+            reserved = await self.reserve(len(data))
+        except NotCacheable:
+            return
+        if digest in self._entries:
+            self.release_reservation(reserved)
+        else:
+            self._write_small(digest, data, reserved)
+
+    def _write_small(self, digest: Digest, data: bytes, reserved: int) -> None:
+        temp = self.temp_dir / f"{digest.algorithm}-{digest.encoded}.{os.getpid()}.small"
+        try:
+            try:
+                write_new_file(temp, data)
+            except FileExistsError:
+                # Our pid's name, left by a process that died: nobody else writes it.
+                os.unlink(temp)
+                write_new_file(temp, data)
+            self.make_shard_dir(digest)
+            os.rename(temp, self.blob_path(digest))
             self.add_entry(digest, len(data))
         except OSError as exc:
             log.warning("cannot cache manifest %s: %s", digest, exc)
@@ -572,15 +643,31 @@ class BlobStore:
         self._leases[digest] -= 1
         if self._leases[digest] <= 0:
             del self._leases[digest]
+            if self._held_open.pop(digest, 0):
+                self._freed()  # the last reader closed an evicted blob: its blocks are free
 
     # --- accounting, called by downloads
 
-    def reserve(self, size: int) -> int:
-        """Reserve `size` bytes of the budget for a download, evicting to make room."""
+    async def reserve(self, size: int) -> int:
+        """Reserve `size` bytes of the budget for a download: evict to make room, then wait
+        until the evicted files are gone from disk, so that the budget holds at every instant.
+        """
+        while (reserved := self._try_reserve(size)) is None:
+            await self._deleted.wait()
+        return reserved
+
+    def _try_reserve(self, size: int) -> int | None:
+        """Reserve `size` bytes if they are free on disk now; None while evicted files that
+        would make the room are still being deleted. Raises NotCacheable when there is no room
+        to make."""
         if size > self.budget:
             raise NotCacheable(f"{size} bytes is larger than the whole cache budget")
         if not self._evict(size):
             raise NotCacheable("everything in the cache is in use")
+        if self._size + self._reserved + self._deleting + self._held_open.total() + size > (
+            self.budget
+        ):
+            return None
         self._reserved += size
         return size
 
@@ -630,15 +717,17 @@ class BlobStore:
 
     def evict(self, digest: Digest) -> bool:
         """Remove one blob from the cache; readers holding it open finish undisturbed."""
-        if digest not in self._entries:
+        entry = self._entries.get(digest)
+        if entry is None:
             return False
         self._drop(digest)
-        self._delete_later(self.blob_path(digest))
+        self._delete_later(self.blob_path(digest), digest, entry.size)
         return True
 
     def _evict(self, incoming: int) -> bool:
-        """Evict least recently used, unleased blobs until `incoming` more bytes fit."""
-        excess = self._size + self._reserved + incoming - self.budget
+        """Evict least recently used, unleased blobs until `incoming` more bytes fit once the
+        deletions under way are done (files held open by readers stay, so they count)."""
+        excess = self._size + self._reserved + self._held_open.total() + incoming - self.budget
         if excess <= 0:
             return True
         victims: list[Digest] = []
@@ -676,8 +765,10 @@ class BlobStore:
         if entry is not None:
             self._size -= entry.size
 
-    def _delete_later(self, path: Path) -> None:
-        """Move a blob out of `blobs/` now (a rename is cheap) and delete it in a thread.
+    def _delete_later(self, path: Path, digest: Digest | None = None, size: int = 0) -> None:
+        """Move a blob out of `blobs/` now (a rename is cheap) and delete it in a thread; its
+        `size` counts against the budget until the file is gone (`digest` being one this store
+        accounts for, whose readers may keep the file's blocks alive after the unlink).
 
         The rename first means a new download of the same digest can land at the final path at
         once without a late unlink removing it.
@@ -689,9 +780,28 @@ class BlobStore:
             if exc.errno != errno.ENOENT:
                 log.warning("cannot evict %s: %s", path, exc)
             return
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_unlink, trash))
+        if self._unlinker is None:
+            self._unlinker = ThreadPoolExecutor(1, thread_name_prefix="cache-unlink")
+        self._deleting += size
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._unlink(loop, trash, digest, size))
         self._deletions.add(task)
         task.add_done_callback(self._deletions.discard)
+
+    async def _unlink(
+        self, loop: asyncio.AbstractEventLoop, trash: Path, digest: Digest | None, size: int
+    ) -> None:
+        try:
+            await loop.run_in_executor(self._unlinker, _unlink, trash)
+        finally:
+            self._deleting -= size
+            if digest is not None and self._leases.get(digest):
+                self._held_open[digest] += size  # a reader still has it open
+            self._freed()
+
+    def _freed(self) -> None:
+        event, self._deleted = self._deleted, asyncio.Event()
+        event.set()
 
 
 def hashes_to(path: Path, digest: Digest) -> bool:
@@ -703,6 +813,54 @@ def hashes_to(path: Path, digest: Digest) -> bool:
     except OSError:
         return False
     return bool(hasher.hexdigest() == digest.encoded)
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create `path` (0600, exclusively, no symlink followed) holding `data`."""
+    fd = os.open(path, os.O_WRONLY | CREATE_FLAGS, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` 0700, or make it so if it exists (older releases left 0755)."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o777 != DIR_MODE:
+            try:
+                os.chmod(path, DIR_MODE)
+            except PermissionError as exc:
+                log.warning("cannot make %s private (mode 0700): %s", path, exc)
+
+
+def _remove_unlocked(path: Path) -> bool:
+    """Remove a temporary file nobody holds the flock of (a symlink, whatever it points to);
+    False if someone holds it. Unlinked under our lock, so never a file created after the check.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)  # a symlink: not ours to follow
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _unlink(path: Path) -> None:

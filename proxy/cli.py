@@ -16,7 +16,7 @@ from proxy.app import create_app
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.observability import configure_logging
 from proxy.tls import CertificateReloader
-from proxy.workers import SINGLE, Worker, supervise
+from proxy.workers import SINGLE, Worker, relay_socket, supervise
 
 PROG = "registry-proxy"
 
@@ -180,7 +180,7 @@ def run_worker(settings: Settings, worker: Worker, sock: socket.socket | None) -
     where: dict[str, Any] = {"host": settings.listen_host, "port": settings.listen_port}
     if sock is not None:
         # The supervisor's socket, plus this worker's own Unix socket for relays from others.
-        where = {"sock": sock, "path": str(worker.socket_path(worker.index))}
+        where = {"sockets": [sock, relay_socket(worker.socket_path(worker.index))]}
     server.serve(
         app,
         **where,

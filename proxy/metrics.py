@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from proxy.blobstore import BlobStore
 
 PREFIX: Final = "registry_proxy"
+ABORT_CAUSES: Final = ("client", "upstream", "mirror")
 # Sub-millisecond manifest hits up to multi-minute blob transfers.
 REQUEST_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -91,6 +92,13 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.aborted_responses = Counter(
+            f"{PREFIX}_aborted_responses",
+            "Responses cut off mid-body after their status went out, by cause (client: it went"
+            " away or stopped reading; upstream: the upstream failed or sent bad bytes; mirror).",
+            ["cause"],
+            registry=r,
+        )
         self.cache_requests = Counter(
             f"{PREFIX}_cache_requests",
             "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale).",
@@ -118,6 +126,8 @@ class Metrics:
         # from nothing, and "none yet" reads 0 rather than "no data".
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
+        for cause in ABORT_CAUSES:
+            self.aborted_responses.labels(cause)
         for kind in ("blob", "manifest", "tag"):
             for result in ("hit", "miss", "coalesced", "stale"):
                 self.cache_requests.labels(kind, result)

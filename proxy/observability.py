@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import state
 from proxy.metrics import MAX_LOOP_LAG
-from proxy.request_keys import BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
+from proxy.request_keys import ABORTED, BYTES_SENT, CACHE_KIND, IDENTITY, ROUTE, UPSTREAM
 from proxy.traffic import TRAFFIC
 from proxy.upstream import Upstream
 from proxy.workers import is_relayed
@@ -54,15 +54,22 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             metrics.cache_requests.labels(request[CACHE_KIND], cache).inc()
         if (traffic := request.app.get(TRAFFIC)) is not None and status < 400:
             traffic.record(request, _bytes_sent(request, response))  # the admin API's top repos
+        # The status went out before the body broke: only this tells it from a success.
+        aborted = request.get(ABORTED)
+        cut_short = ""
+        if aborted is not None:
+            metrics.aborted_responses.labels(aborted).inc()
+            cut_short = f" aborted ({aborted}) after {_bytes_sent(request, response)} bytes"
         # Probes and scrapes arrive every few seconds: worth a line only when debugging.
         level = logging.DEBUG if route in OPERATOR_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
             access_log.log(
                 level,
-                "%s %s %s",
+                "%s %s %s%s",
                 request.method,
                 request.path_qs,
                 status,
+                cut_short,
                 extra={
                     "access": {
                         "remote": request.remote,
@@ -71,11 +78,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                         "route": route,
                         "status": status,
                         "bytes": _bytes_sent(request, response),
+                        "aborted": aborted is not None,
                         "duration_ms": round(duration * 1000, 3),
                         "cache": cache,
                         "upstream": request.get(UPSTREAM, None),
                         "identity": request.get(IDENTITY, None),
                         "user_agent": request.headers.get("User-Agent"),
+                        **({} if aborted is None else {"abort_cause": aborted}),
                     }
                 },
             )

@@ -23,7 +23,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any, Final
@@ -173,26 +173,25 @@ def serve(
     *,
     host: str | None = None,
     port: int | None = None,
-    sock: socket.socket | None = None,
-    path: str | None = None,
+    sockets: Sequence[socket.socket] = (),
     ssl_context: SSLContext | None = None,
     shutdown_timeout: float = 30.0,
     **handler_args: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then stop gracefully, as `web.run_app` does.
 
-    On `host`/`port`, or on the already listening `sock` plus the Unix socket `path` (a worker).
-    `handler_args` go to aiohttp's request handler (its parser limits).
+    On `host`/`port`, or on already bound `sockets` (a worker: the supervisor's listening socket
+    and its own Unix socket for relays). `handler_args` go to aiohttp's request handler (its
+    parser limits).
     """
-    asyncio.run(_serve(app, host, port, sock, path, ssl_context, shutdown_timeout, handler_args))
+    asyncio.run(_serve(app, host, port, sockets, ssl_context, shutdown_timeout, handler_args))
 
 
 async def _serve(
     app: web.Application,
     host: str | None,
     port: int | None,
-    sock: socket.socket | None,
-    path: str | None,
+    sockets: Sequence[socket.socket],
     ssl_context: SSLContext | None,
     shutdown_timeout: float,
     handler_args: dict[str, Any],
@@ -207,13 +206,11 @@ async def _serve(
     )
     await runner.setup()
     try:
-        sites: list[web.BaseSite] = []
-        if sock is not None:
-            sites.append(web.SockSite(runner, sock, ssl_context=ssl_context))
-        else:
+        sites: list[web.BaseSite] = [
+            web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets
+        ]
+        if not sites:
             sites.append(web.TCPSite(runner, host, port, ssl_context=ssl_context))
-        if path is not None:
-            sites.append(web.UnixSite(runner, path, ssl_context=ssl_context))
         for site in sites:
             await site.start()
         stop = asyncio.Event()

@@ -10,6 +10,9 @@ accounts for it against its share of the budget and evicts it. Another worker se
 complete blob straight from the shared directory, and relays a miss to the owner over the
 owner's Unix socket (`<cache-dir>/run/worker-<n>.sock`), so 50 concurrent requests for one blob
 spread over every worker still make one upstream download, streamed to all of them as it lands.
+
+`run/` is 0700 and each socket 0600, whatever the umask: a relay is trusted as coming from a
+sibling worker (`is_relayed`), so no other local user may connect to one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ RELAY_HEADER: Final = "X-Registry-Proxy-Relay"
 PR_SET_PDEATHSIG: Final = 1
 # A worker dying faster than this after its start is not restarted in a tight loop.
 MIN_RESTART_INTERVAL: Final = 1.0
+RUN_DIR_MODE: Final = 0o700
+SOCKET_MODE: Final = 0o600
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,23 @@ async def relay_lifecycle(relay: OwnerRelay) -> AsyncIterator[None]:
         await relay.close()
 
 
+def relay_socket(path: Path) -> socket.socket:
+    """This worker's listening Unix socket for relays from the others, 0600 from the start."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Linux creates the socket file with the socket inode's mode less the umask, so it is
+        # never more open than this, not even between bind() and the chmod() below.
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by this worker's previous life
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def is_relayed(request: web.BaseRequest) -> bool:
     """A relay arrives on a worker's Unix socket; a client cannot claim to be one over TCP."""
     if RELAY_HEADER not in request.headers or request.transport is None:
@@ -108,7 +130,9 @@ def supervise(
     """Fork `count` workers on one listening socket and keep them running until signalled."""
     sock = socket.create_server(listen, backlog=4096, reuse_port=False)
     shutil.rmtree(run_dir, ignore_errors=True)
-    (run_dir / "metrics").mkdir(parents=True)
+    run_dir.parent.mkdir(RUN_DIR_MODE, parents=True, exist_ok=True)
+    run_dir.mkdir(RUN_DIR_MODE)
+    (run_dir / "metrics").mkdir(RUN_DIR_MODE)
     children: dict[int, int] = {}
     started: dict[int, float] = {}
     stopping = False

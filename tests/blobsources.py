@@ -16,6 +16,13 @@ def random_blob(size: int) -> tuple[Digest, bytes]:
     return Digest("sha256", hashlib.sha256(data).hexdigest()), data
 
 
+def numbered_blob(number: int, size: int) -> tuple[Digest, bytes]:
+    """Blob `number` of `size` bytes: the same bytes on every run, distinct for each number."""
+    seed = hashlib.sha256(f"blob {number} of {size} bytes".encode()).digest()
+    data = (seed * (size // len(seed) + 1))[:size]
+    return Digest("sha256", hashlib.sha256(data).hexdigest()), data
+
+
 class MemorySource:
     """Serves `data` from `offset` in chunks; can pause at a byte count until released."""
 

@@ -4,11 +4,17 @@
   records requests and misbehaves on demand), stopped at teardown.
 - ``fake_cdn``: a second one, the host a blob redirect points at (``blob_redirect_to``).
 - ``mirror``: starts the mirror app in-process in front of ``fake_upstream``.
+
+Property tests run the same examples on every run (Hypothesis profile ``repeatable``), so the
+suite passes or fails the same way each time and a failure replays as is. To search afresh
+while working on a parser or the LRU: ``HYPOTHESIS_PROFILE=explore`` (or
+``--hypothesis-profile=explore``), which also keeps failing examples in ``.hypothesis/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -20,11 +26,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import FakeUpstreamServer, free_port
+from hypothesis import settings as hypothesis_settings
 from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
+
+# No deadline: on a loaded 2-core machine a slow example is not a failure, only a slow one.
+hypothesis_settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("explore", deadline=None, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture

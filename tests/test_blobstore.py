@@ -133,20 +133,22 @@ async def test_a_blob_larger_than_the_budget_is_not_cached(tmp_path: Path) -> No
     assert files_under(store.root) == []
 
 
-def put(store: BlobStore, size: int) -> Digest:
+async def put(store: BlobStore, size: int) -> Digest:
+    """Store a blob; when it needs room, it lands once its victims are deleted from disk."""
     digest, data = random_blob(size)
     store.put_small(digest, data)
+    await store.idle()
     return digest
 
 
 async def test_the_least_recently_used_blob_is_evicted_first(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    a, b, c = put(store, 100_000), put(store, 100_000), put(store, 100_000)
+    a, b, c = await put(store, 100_000), await put(store, 100_000), await put(store, 100_000)
     with store.open_blob(a) as hit:
         assert hit is not None  # a is now the most recent
 
-    d = put(store, 100_000)
+    d = await put(store, 100_000)
     assert b not in store
     assert {a, c, d} <= {x for x in (a, b, c, d) if x in store}
     assert store.stats().size == 300_000
@@ -159,11 +161,11 @@ async def test_a_blob_being_read_is_passed_over_and_survives_eviction(tmp_path: 
     await store.open()
     digest, data = random_blob(100_000)
     store.put_small(digest, data)
-    other = put(store, 100_000)
+    other = await put(store, 100_000)
     with store.open_blob(digest) as opened:
         assert opened is not None
         fd, size = opened
-        put(store, 100_000)  # must evict, and the leased blob is passed over
+        await put(store, 100_000)  # must evict, and the leased blob is passed over
         assert digest in store
         assert other not in store
         store.evict(digest)  # an operator evicts it anyway: the reader is undisturbed
@@ -177,7 +179,7 @@ async def test_restart_rebuilds_the_index_in_recency_order_and_drops_partials(
 ) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    old, new = put(store, 100_000), put(store, 100_000)
+    old, new = await put(store, 100_000), await put(store, 100_000)
     past = time.time() - 3600
     os.utime(store.blob_path(old), (past, past))
     abandoned = store.temp_dir / "sha256-abandoned"
@@ -195,7 +197,7 @@ async def test_restart_rebuilds_the_index_in_recency_order_and_drops_partials(
     assert live.exists()
     assert new in restarted
     assert old in restarted
-    put(restarted, 100_000)  # over budget: the older blob goes first
+    await put(restarted, 100_000)  # over budget: the older blob goes first
     assert old not in restarted
     assert new in restarted
 
@@ -212,10 +214,10 @@ async def test_a_file_corrupted_on_disk_is_never_served_as_a_manifest(store: Blo
 async def test_pinned_blobs_survive_eviction_pressure(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, 300_000)
     await store.open()
-    pinned = put(store, 100_000)
+    pinned = await put(store, 100_000)
     store.pin(frozenset({pinned}), {pinned: 100_000})
     for _ in range(5):
-        put(store, 100_000)
+        await put(store, 100_000)
     assert pinned in store
     assert store.stats().size <= 300_000
 
@@ -230,7 +232,7 @@ async def test_a_pin_set_larger_than_the_budget_is_refused(tmp_path: Path) -> No
 
 
 async def test_verify_evicts_blobs_corrupted_on_disk(store: BlobStore) -> None:
-    good, bad = put(store, 5000), put(store, 5000)
+    good, bad = await put(store, 5000), await put(store, 5000)
     path = store.blob_path(bad)
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01  # a single bit flip
@@ -245,7 +247,7 @@ async def test_a_blob_changed_on_disk_while_stopped_is_caught_on_its_first_read(
 ) -> None:
     store = BlobStore(tmp_path, 1_000_000)
     await store.open()
-    good, bad = put(store, 5000), put(store, 5000)
+    good, bad = await put(store, 5000), await put(store, 5000)
     path = store.blob_path(bad)
     data = bytearray(path.read_bytes())
     data[4999] ^= 0x80
@@ -257,3 +259,84 @@ async def test_a_blob_changed_on_disk_while_stopped_is_caught_on_its_first_read(
     await restarted.ensure_verified(good)
     assert bad not in restarted
     assert good in restarted
+
+
+def mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
+
+
+async def test_cache_files_are_0600_and_directories_0700_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    previous = os.umask(0)  # the most permissive umask: modes must come from the mirror itself
+    try:
+        store = BlobStore(tmp_path / "cache", 10 * 1024 * 1024)
+        await store.open()
+        digest, data = random_blob(300_000)
+        download, _ = store.download(digest, CountingOpener(data))
+        assert await read_all(download) == data
+        manifest = await put(store, 1000)
+    finally:
+        os.umask(previous)
+    for directory in (store.root, store.blobs_dir, store.temp_dir, store.blob_path(digest).parent):
+        assert mode(directory) == 0o700, directory
+    assert mode(store.blob_path(digest).parent.parent) == 0o700
+    assert mode(store.blob_path(digest)) == 0o600
+    assert mode(store.blob_path(manifest)) == 0o600
+
+
+async def test_a_cache_written_by_an_older_release_is_read_and_closed_to_other_users(
+    tmp_path: Path,
+) -> None:
+    """Older releases left 0755 directories and 0644 files: still served, no longer reachable."""
+    digest, data = random_blob(5000)
+    old = BlobStore(tmp_path, 1_000_000)
+    path = old.blob_path(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    for made in (path, *path.parents):
+        if made == tmp_path:
+            break
+        made.chmod(0o755 if made.is_dir() else 0o644)
+    (tmp_path / "tmp").mkdir(0o755)
+
+    store = BlobStore(tmp_path, 1_000_000)
+    await store.open()
+    assert store.read_small(digest) == data
+    assert mode(store.blobs_dir) == mode(store.temp_dir) == 0o700
+
+
+async def test_a_symlink_planted_at_a_download_path_is_never_written_through(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the mirror's to overwrite")
+    digest, data = random_blob(100_000)
+    store.temp_path(digest).symlink_to(victim)
+
+    download, _ = store.download(digest, CountingOpener(data))
+    assert await read_all(download) == data
+    assert download.task is not None
+    await download.task
+    assert victim.read_bytes() == b"not the mirror's to overwrite"
+    assert store.blob_path(digest).read_bytes() == data
+    assert not store.blob_path(digest).is_symlink()
+
+
+async def test_a_temporary_file_another_process_is_writing_is_left_alone(
+    store: BlobStore,
+) -> None:
+    digest, data = random_blob(100_000)
+    temp = store.temp_path(digest)
+    temp.write_bytes(b"another process's partial download")
+    holder = os.open(temp, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        download, _ = store.download(digest, CountingOpener(data))
+        assert download.task is not None
+        await download.task
+        assert download.state is State.DEGRADED  # its readers continue from upstream
+        assert temp.read_bytes() == b"another process's partial download"
+        assert digest not in store
+    finally:
+        os.close(holder)

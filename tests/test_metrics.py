@@ -37,7 +37,7 @@ WAIT_SECONDS = 10.0
 # Every access log line carries at least these (README "Observability").
 ACCESS_FIELDS = {
     "time", "level", "logger", "remote", "method", "path", "route", "status", "bytes",
-    "duration_ms", "cache", "upstream", "user_agent",
+    "aborted", "duration_ms", "cache", "upstream", "user_agent",
 }  # fmt: skip
 
 
@@ -514,3 +514,68 @@ async def test_each_request_writes_one_json_access_log_line_with_the_documented_
     assert miss["user_agent"] == "containerd/2.0"
     assert (missing["route"], missing["status"], missing["cache"]) == ("manifest", 404, "error")
     assert missing["bytes"] > 0  # the OCI error body
+
+
+async def test_a_blob_the_upstream_cuts_mid_body_is_logged_and_counted_as_aborted(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+) -> None:
+    digest, _ = add_blob(fake_upstream, 500_000)
+    fake_upstream.registry.truncate[digest] = 300_000
+    client = await mirror()
+
+    expected = len(access_log.records) + 1
+    response = await client.get(blob_path(digest))
+    assert response.status == 200  # the status went out before the upstream broke
+    received = bytearray()
+
+    async def read_until_cut() -> None:
+        async for chunk in response.content.iter_any():
+            received.extend(chunk)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_until_cut()
+    await access_log.wait_for(expected)
+
+    record = access_log.records[-1]
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["status"], entry["aborted"], entry["abort_cause"]) == (200, True, "upstream")
+    assert entry["bytes"] == 300_000  # what landed before the cut, no more
+    assert len(received) <= entry["bytes"]
+    assert record.getMessage().endswith(" 200 aborted (upstream) after 300000 bytes")
+    assert value(client, "registry_proxy_aborted_responses_total", cause="upstream") == 1
+    assert value(client, "registry_proxy_aborted_responses_total", cause="client") == 0
+
+
+async def test_a_client_leaving_mid_body_is_logged_and_counted_as_aborted_by_the_client(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+) -> None:
+    # Larger than what the socket buffers between the two ends can hold.
+    digest, data = add_blob(fake_upstream, 32 * 1024 * 1024)
+    client = await mirror()
+    await pull_blob(client, digest, access_log)
+
+    expected = len(access_log.records) + 1
+    response = await client.get(blob_path(digest))
+    assert await response.content.readany()
+    response.close()  # the client goes away after its first bytes
+    await access_log.wait_for(expected)
+
+    entry = json.loads(JsonFormatter().format(access_log.records[-1]))
+    assert (entry["status"], entry["cache"]) == (200, "hit")
+    assert (entry["aborted"], entry["abort_cause"]) == (True, "client")
+    assert 0 < entry["bytes"] < len(data)
+    assert value(client, "registry_proxy_aborted_responses_total", cause="client") == 1
+    assert value(client, "registry_proxy_aborted_responses_total", cause="upstream") == 0
+
+
+async def test_a_complete_transfer_is_not_aborted(
+    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+) -> None:
+    digest, data = add_blob(fake_upstream, 100_000)
+    client = await mirror()
+    await pull_blob(client, digest, access_log)
+    entry = json.loads(JsonFormatter().format(access_log.records[-1]))
+    assert (entry["aborted"], entry["bytes"]) == (False, len(data))
+    assert "abort_cause" not in entry
+    for cause in ("client", "upstream", "mirror"):
+        assert value(client, "registry_proxy_aborted_responses_total", cause=cause) == 0

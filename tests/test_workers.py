@@ -178,3 +178,39 @@ async def test_a_blob_corrupted_while_stopped_is_never_served_by_any_worker(
             for session in sessions:
                 await session.close()
     assert final.read_bytes() == data  # refetched, verified, in place again
+
+
+def mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
+
+
+async def test_worker_sockets_and_cache_files_are_private_to_the_mirror_user(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """A relay is trusted as coming from a sibling worker, and cached images may be private:
+    neither the sockets nor the files may be open to other local users, whatever the umask."""
+    data = os.urandom(300_000)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    digest = fake_upstream.registry.add_blob(data)
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    previous = os.umask(0o022)  # the usual default, which the mirror must not rely on
+    try:
+        async with started(mirror):
+            await wait_for_workers(mirror, mirror.pid)
+            async with aiohttp.ClientSession() as client:
+                for _ in range(2):  # a miss into the cache, then a hit from it
+                    response = await client.get(f"{mirror.url}/v2/team/app/blobs/{digest}")
+                    assert await response.read() == data
+            run = mirror.cache_dir / "run"
+            assert mode(run) == 0o700
+            assert mode(run / "metrics") == 0o700
+            for index in range(WORKERS):
+                assert mode(run / f"worker-{index}.sock") == 0o600
+            for directory in ("blobs", "tmp"):
+                assert mode(mirror.cache_dir / directory) == 0o700
+            blob = mirror.cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+            assert blob.read_bytes() == data
+            assert mode(blob) == 0o600
+            assert mode(blob.parent) == mode(blob.parent.parent) == 0o700
+    finally:
+        os.umask(previous)
