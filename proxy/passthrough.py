@@ -139,7 +139,7 @@ class UpstreamAccessCheck:
                 self._decisions[key] = (status, now)
                 digest = api.reference
                 if status < 300 and self.provenance is not None and isinstance(digest, Digest):
-                    await self.provenance.record(digest, upstream.name, api.repository.name)
+                    self.provenance.record(digest, upstream.name, api.repository.name)
         if status < 300:
             return
         error = refusal(status, _kind(api))

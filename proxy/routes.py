@@ -76,7 +76,7 @@ async def _guarded(
         header = response.headers.get("Docker-Content-Digest")
         if header is not None and (fetched_here or not by_digest):
             digest = Digest.parse(header)
-            await guard.provenance.record(digest, upstream.name, api.repository.name)
+            guard.provenance.record(digest, upstream.name, api.repository.name)
     return response
 
 
