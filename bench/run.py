@@ -177,7 +177,7 @@ async def _fault_relays(
         ).start()
         described.append(
             f"wan_cuts: the WAN, first {args.cut_connections} upstream connections reset "
-            f"after {after / 1e6:g} MB each"
+            f"after {after / 1e6:.3g} MB each"
         )
     if "wan_parallel" in selected:
         capped = await Relay(
