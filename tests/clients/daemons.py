@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from integration.registry import client_env
+from harness.skopeo import client_env
 
 START_DEADLINE_SECONDS = 30.0
 POLL_INTERVAL_SECONDS = 0.1

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import aiohttp
 from fakeupstream import FakeUpstreamServer, Gate
-from integration.registry import Mirror, free_port
+from harness.digests import sha256_digest
+from harness.mirror import Mirror
+from harness.ports import free_port
 
-from faults.support import assert_cache_sound, audit_cache, final_path, sha256_digest
+from faults.support import assert_cache_sound, audit_cache, final_path
 
 REPOSITORY = "team/app"
 KIB = 1024
