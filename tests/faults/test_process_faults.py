@@ -1,6 +1,6 @@
 """The mirror process killed with SIGKILL while it evicts, and while it rebuilds its index.
 
-The mirror runs as a subprocess (`integration.registry.Mirror`) in front of the in-process fake
+The mirror runs as a subprocess (`harness.mirror.Mirror`) in front of the in-process fake
 upstream, so a kill is a real `kill -9` and the restart reads the directory the dead process left.
 """
 

@@ -27,7 +27,7 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "registry-proxy.json"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("cold_pull", "warm_pull", "herd", "manifest_hits", "large_blob", "memory", "wan")
 MIRRORS = ("ours", "distribution", "nginx")
 QUICK_RUN_SECONDS = 150  # a hang bound, not a speed goal: the machine may be shared
