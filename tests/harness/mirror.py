@@ -82,7 +82,7 @@ class Mirror(Service):
         self.upstream = upstream
         self.extra_args = extra_args
         self.config = config
-        self.log_level = log_level
+        self._log_level = log_level
         self.ready = ready
         self.cache_dir = workdir / "cache"
         self.config_path = workdir / "registry-proxy.toml"
@@ -105,7 +105,7 @@ class Mirror(Service):
         else:
             raise ValueError("a mirror needs an upstream or a config")
         return serve_command(
-            self.port, self.cache_dir, *source, "--log-level", self.log_level, *self.extra_args
+            self.port, self.cache_dir, *source, "--log-level", self._log_level, *self.extra_args
         )
 
     def start(self) -> Self:
