@@ -51,8 +51,10 @@ async def test_a_manifest_over_the_cap_is_an_oci_error_and_the_rest_is_never_rea
     await assert_stopped_early(huge, DEFAULT_MAX_MANIFEST_SIZE)
     # The mirror is fine afterwards, and the refusal was counted.
     assert (await fetch(client, f"/v2/{REPOSITORY}/manifests/1.0")).status == 200
-    metrics = client.app[state.METRICS]
-    counted = metrics.upstream_errors.labels("fake", "manifest", "too_large")._value.get()
+    counted = client.app[state.METRICS].registry.get_sample_value(
+        "registry_proxy_upstream_errors_total",
+        {"upstream": "fake", "kind": "manifest", "reason": "too_large"},
+    )
     assert counted == 1
 
 
