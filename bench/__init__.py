@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The integration harness (Distribution, image builders, pushers) lives in tests/integration and
-# is imported as `integration.registry`, the name pytest gives it, so there is one copy of it.
+# The test harness (Distribution, the mirror as a process, image builders, pushers) lives in
+# tests/harness and is imported as `harness.*`, the name pytest gives it, so there is one copy.
 if str(REPO_ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "tests"))

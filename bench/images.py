@@ -20,20 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from integration.registry import (
-    OCI_CONFIG,
-    OCI_MANIFEST,
-    Blob,
-    ImageIndex,
-    PushError,
-    build_image,
-    build_index,
-    push_blob,
-    push_image,
-    push_index,
-    push_manifest,
-    sha256_digest,
-)
+from harness.digests import sha256_digest
+from harness.images import OCI_CONFIG, OCI_MANIFEST, Blob, ImageIndex, build_image, build_index
+from harness.push import PushError, push_blob, push_image, push_index, push_manifest
 from yarl import URL
 
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"

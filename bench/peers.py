@@ -30,14 +30,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO
 
-from integration.registry import (
-    Distribution,
-    Mirror,
-    Service,
-    _stop_process,
-    _wait_until_ready,
-    free_port,
-)
+from harness.mirror import Mirror
+from harness.ports import free_port
+from harness.processes import Distribution, Service
+from harness.processes import stop_process as _stop_process
+from harness.processes import wait_until_ready as _wait_until_ready
 
 PEERS = ("ours", "distribution", "nginx", "ours-tuned", "ours-2w")
 # Our own variants are measured beside the peers, never counted as a peer to beat.

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from integration.registry import Distribution
+from harness.processes import Distribution
 
 from bench import REPO_ROOT, scenarios
 from bench.images import Sizes, push_fixtures

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from integration.registry import blob_digests, skopeo_copy, verify_dir
+from harness.skopeo import skopeo_copy
+from harness.verify import blob_digests, verify_dir
 
 from bench import REPO_ROOT
 from bench.client import CONTAINERD_ACCEPT

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from integration.registry import Distribution
+from harness.processes import Distribution
 
 from bench.client import CONTAINERD_ACCEPT
 from bench.images import Fixtures, Sizes, push_fixtures

@@ -25,17 +25,14 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness, importable as pytest names it
 
-from tests.integration.registry import (  # noqa: E402
-    LARGE_LAYERS,
-    SMALL_LAYERS,
-    Distribution,
-    Mirror,
-    build_image,
-    push_image,
-    skopeo_copy,
-)
-from tests.integration.test_prometheus import Prometheus  # noqa: E402
+from harness.images import LARGE_LAYERS, SMALL_LAYERS, build_image  # noqa: E402
+from harness.mirror import Mirror  # noqa: E402
+from harness.processes import Distribution  # noqa: E402
+from harness.push import push_image  # noqa: E402
+from harness.skopeo import skopeo_copy  # noqa: E402
+from integration.test_prometheus import Prometheus  # noqa: E402
 
 OUTPUT = ROOT / "grafana" / "dashboard-preview.png"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "registry-proxy.json"

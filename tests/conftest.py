@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from fakeupstream import FakeUpstreamServer, free_port
+from fakeupstream import FakeUpstreamServer
+from harness.ports import free_port
 from hypothesis import settings as hypothesis_settings
 from pytest_aiohttp import AiohttpClient
 from yarl import URL

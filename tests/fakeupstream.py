@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 import re
 import secrets
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
+from harness.digests import sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -73,22 +73,9 @@ _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$|^sha512:[a-f0-9]{128}$")
 _RANGE = re.compile(r"^bytes=(?P<first>\d*)-(?P<last>\d*)$")
 
 
-def digest_of(data: bytes) -> str:
-    """The OCI digest ("sha256:<hex>") of exactly these bytes."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def canonical_json(value: Any) -> bytes:
     """Compact JSON; the digest of a manifest is over exactly the bytes served."""
     return json.dumps(value, separators=(",", ":"), sort_keys=False).encode()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 trick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -319,7 +306,7 @@ class FakeRegistry:
     # ------------------------------------------------------------------ content
 
     def add_blob(self, data: bytes) -> str:
-        digest = digest_of(data)
+        digest = sha256_digest(data)
         self.blobs[digest] = data
         return digest
 
@@ -329,7 +316,7 @@ class FakeRegistry:
     def add_manifest(
         self, repo: str, body: bytes, media_type: str, tags: Iterable[str] = ()
     ) -> str:
-        digest = digest_of(body)
+        digest = sha256_digest(body)
         self.manifests.setdefault(repo, {})[digest] = _Manifest(body, media_type, digest)
         self.tags.setdefault(repo, {})
         for tag in tags:
@@ -361,7 +348,8 @@ class FakeRegistry:
         config: dict[str, Any] = {"architecture": arch, "os": os_name}
         if variant:
             config["variant"] = variant
-        config["rootfs"] = {"type": "layers", "diff_ids": [digest_of(layer) for layer in layers]}
+        diff_ids = [sha256_digest(layer) for layer in layers]
+        config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
         config["config"] = {}
         config_bytes = canonical_json(config)
         config_digest = self.add_blob(config_bytes)

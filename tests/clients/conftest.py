@@ -5,7 +5,7 @@ Session-scoped, so each daemon starts once for the whole matrix:
 - ``hub``: a Distribution registry playing Docker Hub (the mirror's ``docker.io`` upstream).
 - ``ghcr``: a second Distribution playing ``ghcr.io``.
 - ``mirror``: the mirror with both upstreams in its TOML config (``[[upstreams]]``, docker.io
-  first, so it is the default), see :class:`ConfiguredMirror`.
+  first, so it is the default), see :func:`configured_mirror`.
 - ``forwarder``: a :class:`RecordingForwarder` in front of the mirror; clients are configured with
   its address, so tests see exactly which paths each client sent.
 - ``dockerd``: Docker Engine with ``registry-mirrors`` = the forwarder.
@@ -21,13 +21,15 @@ nothing is skipped.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from integration.registry import Distribution, Image, Mirror, push_image
+from harness.images import Image
+from harness.mirror import Mirror, upstream_tables
+from harness.processes import Distribution
+from harness.push import push_image
 
 from .daemons import Containerd, Dockerd, missing_programs
 from .images import build_runnable_image
@@ -54,37 +56,10 @@ def _require_client_programs() -> None:
         pytest.fail(f"client tests: {message}", pytrace=False)
 
 
-class ConfiguredMirror(Mirror):
-    """The mirror started with ``--config FILE`` naming its upstreams (``[[upstreams]]``).
-
-    ``upstreams`` maps a name to a URL; the first one is the default.
-    """
-
-    def __init__(self, workdir: Path, upstreams: dict[str, str]) -> None:
-        super().__init__(workdir, next(iter(upstreams.values())))
-        self.upstreams = upstreams
-        self.config_path = workdir / "registry-proxy.toml"
-
-    def command(self) -> list[str]:
-        tables = "".join(
-            f'\n[[upstreams]]\nname = "{name}"\nurl = "{url}"\n'
-            for name, url in self.upstreams.items()
-        )
-        self.config_path.write_text(f'log_level = "debug"\n{tables}')
-        return [
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--cache-dir",
-            str(self.cache_dir),
-            "--cache-max-size",
-            "1GiB",
-        ]
+def configured_mirror(workdir: Path, upstreams: dict[str, str], settings: str = "") -> Mirror:
+    """The mirror started with ``--config FILE``: ``settings`` (TOML) and its upstreams
+    (``[[upstreams]]``), ``upstreams`` mapping a name to a URL, the first one the default."""
+    return Mirror(workdir, None, config=settings + upstream_tables(upstreams))
 
 
 @pytest.fixture(scope="session")
@@ -102,14 +77,14 @@ def ghcr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Distribution]:
 @pytest.fixture(scope="session")
 def mirror(
     tmp_path_factory: pytest.TempPathFactory, hub: Distribution, ghcr: Distribution
-) -> Iterator[ConfiguredMirror]:
+) -> Iterator[Mirror]:
     upstreams = {"docker.io": hub.url, "ghcr.io": ghcr.url}
-    with ConfiguredMirror(tmp_path_factory.mktemp("mirror"), upstreams) as running:
+    with configured_mirror(tmp_path_factory.mktemp("mirror"), upstreams) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def forwarder(mirror: ConfiguredMirror) -> Iterator[RecordingForwarder]:
+def forwarder(mirror: Mirror) -> Iterator[RecordingForwarder]:
     with RecordingForwarder(mirror.url) as running:
         yield running
 

@@ -9,7 +9,7 @@
 - :func:`podman_env` writes the ``containers.conf`` / ``storage.conf`` / ``registries.conf``
   podman, buildah and skopeo read, all roots inside a temp dir.
 
-Every engine gets the environment of :func:`integration.registry.client_env`: HTTP(S) proxies on
+Every engine gets the environment of :func:`harness.skopeo.client_env`: HTTP(S) proxies on
 a dead loopback port, so any attempt to fall back to the real Docker Hub fails at once instead of
 leaving the machine, while 127.0.0.1 is reached directly. Readiness is polled (an external daemon
 gives no event to wait on), boundedly, noticing at once when the daemon dies.
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from integration.registry import client_env
+from harness.skopeo import client_env
 
 START_DEADLINE_SECONDS = 30.0
 POLL_INTERVAL_SECONDS = 0.1

@@ -23,7 +23,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from integration.registry import (
+from harness.digests import sha256_digest
+from harness.images import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -34,7 +35,6 @@ from integration.registry import (
     Format,
     Image,
     make_layer,
-    sha256_digest,
 )
 
 BUSYBOX = Path("/bin/busybox")

@@ -10,15 +10,12 @@ containerd, ``/v2/ghcr.io/...`` from a ``registries.conf`` path prefix. The mirr
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import aiohttp
 from aiohttp import web
-from integration.registry import free_port
+from harness.ports import free_port
+from harness.threads import LoopThread
 
 # RFC 9110 section 7.6.1: connection-specific fields are not forwarded.
 HOP_BY_HOP = frozenset(
@@ -34,7 +31,6 @@ HOP_BY_HOP = frozenset(
         "Host",
     )
 )
-START_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,15 +39,14 @@ class Recorded:
     path_qs: str
 
 
-class RecordingForwarder:
+class RecordingForwarder(LoopThread):
     """Listens on 127.0.0.1 in a thread of its own and forwards to ``target`` (a base URL)."""
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         self.target = target.rstrip("/")
         self.port = free_port()
         self.requests: list[Recorded] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -105,27 +100,3 @@ class RecordingForwarder:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
-
-    def start(self) -> Self:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(START_TIMEOUT_SECONDS)
-        return self
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(START_TIMEOUT_SECONDS)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(START_TIMEOUT_SECONDS)
-        self._loop.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -17,24 +17,18 @@ import asyncio
 import base64
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
 
 import aiohttp
 import bcrypt
 import pytest
-from integration.registry import (
-    DIR_MANIFEST,
-    Distribution,
-    Image,
-    Mirror,
-    client_env,
-    free_port,
-    push_image,
-    verify_dir,
-)
+from harness.images import Image
+from harness.mirror import Mirror, upstream_tables
+from harness.processes import Distribution
+from harness.push import push_image
+from harness.skopeo import client_env
+from harness.verify import DIR_MANIFEST, verify_dir
 
 from .conftest import Publish
 from .daemons import CommandError, Containerd, Dockerd, podman_env, run
@@ -48,36 +42,15 @@ PRIVATE = "corp.example"  # the private registry's name, as clients know it
 REPOSITORY, TAG = "team/app", "1.0"
 
 
-class PassingMirror(Mirror):
-    """The mirror with `[[upstreams]]` tables; `passing` names those that pass credentials on."""
+def credential_passing_mirror(
+    workdir: Path, upstreams: dict[str, str], passing: set[str]
+) -> Mirror:
+    """The mirror with `[[upstreams]]` tables; `passing` names those that pass credentials on.
 
-    def __init__(self, workdir: Path, upstreams: dict[str, str], passing: set[str]) -> None:
-        super().__init__(workdir, next(iter(upstreams.values())))
-        self.upstreams = upstreams
-        self.passing = passing
-        self.config_path = workdir / "registry-proxy.toml"
-
-    def command(self) -> list[str]:
-        tables = "".join(
-            f'\n[[upstreams]]\nname = "{name}"\nurl = "{url}"\n'
-            f"pass_client_credentials = {'true' if name in self.passing else 'false'}\n"
-            for name, url in self.upstreams.items()
-        )
-        self.config_path.write_text(f'log_level = "debug"\n{tables}')
-        return [
-            sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path),
-            "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.cache_dir),
-            "--cache-max-size", "1GiB",
-        ]  # fmt: skip
-
-    def start(self) -> Self:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cache_dir.mkdir(exist_ok=True)
-        self.port = self.port or free_port()
-        # The ping challenges anonymous clients once an upstream passes credentials on.
-        root = Path(__file__).resolve().parents[2]
-        self._spawn(self.command(), cwd=root, append=True, ready=(401,))
-        return self
+    Its ping challenges anonymous clients once an upstream passes credentials on: ready on 401.
+    """
+    config = upstream_tables(upstreams, passing=passing)
+    return Mirror(workdir, None, config=config, ready=(401,))
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +80,12 @@ def private_image(private_registry: Distribution) -> Image:
 @pytest.fixture(scope="module")
 def passing_mirror(
     tmp_path_factory: pytest.TempPathFactory, hub: Distribution, private_registry: Distribution
-) -> Iterator[PassingMirror]:
+) -> Iterator[Mirror]:
     """docker.io: the public hub (default upstream); corp.example: private, passing through."""
     upstreams = {"docker.io": hub.url, PRIVATE: private_registry.url}
-    with PassingMirror(tmp_path_factory.mktemp("passing"), upstreams, {PRIVATE}) as running:
+    with credential_passing_mirror(
+        tmp_path_factory.mktemp("passing"), upstreams, {PRIVATE}
+    ) as running:
         yield running
 
 
@@ -172,7 +147,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> bool:
 
 
 def test_skopeo_pulls_a_private_image_with_its_credentials_and_is_refused_without(
-    passing_mirror: PassingMirror,
+    passing_mirror: Mirror,
     private_image: Image,
     hub: Distribution,
     publish: Publish,
@@ -201,7 +176,7 @@ def test_skopeo_pulls_a_private_image_with_its_credentials_and_is_refused_withou
 
 
 def test_podman_pulls_a_private_image_with_an_auth_file_for_the_mirrors_host(
-    passing_mirror: PassingMirror,
+    passing_mirror: Mirror,
     private_image: Image,
     hub: Distribution,
     publish: Publish,
@@ -240,7 +215,7 @@ server = "https://{private}"
 
 
 def test_containerd_pulls_a_private_image_with_ctr_user_and_is_refused_without(
-    passing_mirror: PassingMirror,
+    passing_mirror: Mirror,
     private_image: Image,
     containerd: Containerd,
     tmp_path: Path,
@@ -272,7 +247,7 @@ def test_containerd_pulls_a_private_image_with_ctr_user_and_is_refused_without(
 
 
 def test_docker_engine_pulls_public_images_anonymously_from_a_challenging_mirror(
-    passing_mirror: PassingMirror, hub: Distribution, publish: Publish
+    passing_mirror: Mirror, hub: Distribution, publish: Publish
 ) -> None:
     image = publish(hub, "library/creds-public-docker", "1.0")
     with Dockerd({"registry-mirrors": [passing_mirror.url]}) as daemon:
@@ -292,7 +267,7 @@ def test_docker_engine_pulls_a_private_image_with_its_docker_io_login(
     upstreams = {"docker.io": private_registry.url}
     workdir = tmp_path_factory.mktemp("passing-hub")
     with (
-        PassingMirror(workdir, upstreams, {"docker.io"}) as mirror,
+        credential_passing_mirror(workdir, upstreams, {"docker.io"}) as mirror,
         Dockerd({"registry-mirrors": [mirror.url]}) as daemon,
     ):
         daemon.start()

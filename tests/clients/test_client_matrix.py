@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 
 import pytest
-from integration.registry import DIR_MANIFEST, Distribution, skopeo_copy, verify_dir
+from harness.processes import Distribution
+from harness.skopeo import skopeo_copy
+from harness.verify import DIR_MANIFEST, verify_dir
 
 from .conftest import Publish
 from .daemons import Containerd, Dockerd, podman_env, run

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from integration.registry import DIR_MANIFEST, Distribution, free_port, skopeo_copy, verify_dir
+from harness.ports import free_port
+from harness.processes import Distribution
+from harness.skopeo import skopeo_copy
+from harness.verify import DIR_MANIFEST, verify_dir
 
 from .conftest import Publish
 from .daemons import Dockerd

@@ -16,17 +16,20 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import pytest
-from integration.registry import DIR_MANIFEST, Distribution, Image, skopeo_copy, verify_dir
+from harness.images import Image
+from harness.mirror import Mirror, proxy_command
+from harness.processes import Distribution, StartStop
+from harness.skopeo import skopeo_copy
+from harness.verify import DIR_MANIFEST, verify_dir
 
-from .conftest import ConfiguredMirror, Publish
+from .conftest import Publish, configured_mirror
 from .daemons import Containerd, Dockerd, podman_env, run
 from .test_client_matrix import CTR_SNAPSHOTTER, HOSTS_TOML, REGISTRIES_CONF, ctr_digest
 
@@ -43,16 +46,7 @@ response_timeout = "3s"
 """
 
 
-class OutageMirror(ConfiguredMirror):
-    """The mirror with the outage settings added to its config file."""
-
-    def command(self) -> list[str]:
-        args = super().command()
-        self.config_path.write_text(OUTAGE_SETTINGS + self.config_path.read_text())
-        return args
-
-
-class BlackHole:
+class BlackHole(StartStop):
     """Listens on a port, accepts every connection and never sends a byte."""
 
     def __init__(self, port: int) -> None:
@@ -73,16 +67,11 @@ class BlackHole:
             self.held.append(connection)
             self.accepted.set()
 
-    def __enter__(self) -> BlackHole:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.listener.close()
         self._thread.join(timeout=5)
         for connection in self.held:
@@ -112,7 +101,7 @@ def tag_requests(log: str, name: str) -> list[tuple[int, str, float]]:
 class Outage:
     """A Distribution upstream, the mirror in front of it, and Docker Engine using the mirror."""
 
-    def __init__(self, hub: Distribution, mirror: OutageMirror, dockerd: Dockerd) -> None:
+    def __init__(self, hub: Distribution, mirror: Mirror, dockerd: Dockerd) -> None:
         self.hub = hub
         self.mirror = mirror
         self.dockerd = dockerd
@@ -120,7 +109,7 @@ class Outage:
     def warm(self, reference: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         result = subprocess.run(
-            [sys.executable, "-m", "proxy", "warm", "--mirror", self.mirror.url, reference],
+            proxy_command("warm", "--mirror", self.mirror.url, reference),
             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
@@ -130,7 +119,7 @@ class Outage:
 def outage(tmp_path: Path) -> Iterator[Outage]:
     with (
         Distribution(tmp_path / "hub") as hub,
-        OutageMirror(tmp_path / "mirror", {"docker.io": hub.url}) as mirror,
+        configured_mirror(tmp_path / "mirror", {"docker.io": hub.url}, OUTAGE_SETTINGS) as mirror,
         Dockerd({"registry-mirrors": [mirror.url]}) as dockerd,
     ):
         dockerd.start()

@@ -7,16 +7,13 @@ upstream) runs on an event loop in a background thread, and requests are plain b
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from aiohttp import web
 from fakeupstream import FakeUpstreamServer
+from harness.threads import LoopThread
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -84,38 +81,21 @@ def build_request(method: str, target: str, headers: list[tuple[str, str]] | Non
 
 
 @dataclass
-class ThreadedMirror:
+class ThreadedMirror(LoopThread):
     """The mirror app and a fake upstream, served from an event loop in a background thread."""
 
     root: Path
     cache_max_size: int = 64 * 1024 * 1024
     port: int = 0
     upstream: FakeUpstreamServer = field(default_factory=FakeUpstreamServer)
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _thread: threading.Thread | None = None
     _runner: MirrorRunner | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__()
 
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
-
-    def __enter__(self) -> Self:
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(timeout=30)
-        self._loop.close()
 
     async def _start(self) -> None:
         await self.upstream.start()

@@ -50,10 +50,6 @@ OCI_ERROR_CODES: Final = frozenset(
 )  # fmt: skip
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def final_path(cache_dir: Path, digest: str) -> Path:
     hex_digest = digest.removeprefix("sha256:")
     return cache_dir / "blobs" / "sha256" / hex_digest[:2] / hex_digest

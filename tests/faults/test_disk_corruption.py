@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer, Image
+from harness.mirror import StartMirror
 
 from faults.support import (
     REPOSITORY,
@@ -50,7 +50,7 @@ async def warm(client: Client, image: Image) -> None:
 
 @pytest.mark.parametrize("how", ["one bit flipped", "truncated", "grown"])
 async def test_a_blob_damaged_on_disk_is_refetched_never_served_as_complete(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image, tmp_path: Path, how: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, tmp_path: Path, how: str
 ) -> None:
     cache_dir = tmp_path / "cache"
     digest = image.layer_digests[1]
@@ -82,7 +82,7 @@ async def test_a_blob_damaged_on_disk_is_refetched_never_served_as_complete(
 
 
 async def test_a_manifest_damaged_on_disk_is_refetched_never_served(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image, tmp_path: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, tmp_path: Path
 ) -> None:
     cache_dir = tmp_path / "cache"
     first = await mirror(cache_dir=cache_dir)

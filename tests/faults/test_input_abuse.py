@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from harness.mirror import Mirror
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from integration.registry import Mirror
 
 from faults.rawhttp import RawResponse, ThreadedMirror, build_request, send_raw
 from faults.support import audit_cache, oci_error_code

@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from fakeupstream import FakeUpstreamServer, Image
+from harness.digests import sha256_digest
 from yarl import URL
 
-from faults.support import assert_cache_sound, sha256_digest
+from faults.support import assert_cache_sound
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
 

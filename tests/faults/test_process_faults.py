@@ -1,6 +1,6 @@
 """The mirror process killed with SIGKILL while it evicts, and while it rebuilds its index.
 
-The mirror runs as a subprocess (`integration.registry.Mirror`) in front of the in-process fake
+The mirror runs as a subprocess (`harness.mirror.Mirror`) in front of the in-process fake
 upstream, so a kill is a real `kill -9` and the restart reads the directory the dead process left.
 """
 
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import aiohttp
 from fakeupstream import FakeUpstreamServer, Gate
-from integration.registry import Mirror, free_port
+from harness.digests import sha256_digest
+from harness.mirror import Mirror
+from harness.ports import free_port
 
-from faults.support import assert_cache_sound, audit_cache, final_path, sha256_digest
+from faults.support import assert_cache_sound, audit_cache, final_path
 
 REPOSITORY = "team/app"
 KIB = 1024

@@ -12,8 +12,8 @@ import asyncio
 import json
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import OCI_INDEX, FakeUpstreamServer, HugeBody, Image
+from harness.mirror import StartMirror
 
 from faults.support import REPOSITORY, Outcome, fetch, oci_error_code
 from proxy import state
@@ -40,7 +40,7 @@ async def assert_stopped_early(huge: HugeBody, cap: int) -> None:
 
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
 async def test_a_manifest_over_the_cap_is_an_oci_error_and_the_rest_is_never_read(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image, declare_length: bool
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, declare_length: bool
 ) -> None:
     huge = HugeBody(HUGE, declare_length=declare_length)
     fake_upstream.registry.huge_bodies[f"/{REPOSITORY}/manifests/huge"] = huge
@@ -51,13 +51,15 @@ async def test_a_manifest_over_the_cap_is_an_oci_error_and_the_rest_is_never_rea
     await assert_stopped_early(huge, DEFAULT_MAX_MANIFEST_SIZE)
     # The mirror is fine afterwards, and the refusal was counted.
     assert (await fetch(client, f"/v2/{REPOSITORY}/manifests/1.0")).status == 200
-    metrics = client.app[state.METRICS]
-    counted = metrics.upstream_errors.labels("fake", "manifest", "too_large")._value.get()
+    counted = client.app[state.METRICS].registry.get_sample_value(
+        "registry_proxy_upstream_errors_total",
+        {"upstream": "fake", "kind": "manifest", "reason": "too_large"},
+    )
     assert counted == 1
 
 
 async def test_the_manifest_cap_is_a_setting(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     tight = await mirror(max_manifest_size=image.size - 1)
     refused = await fetch(tight, f"/v2/{REPOSITORY}/manifests/{image.manifest_digest}")
@@ -70,7 +72,7 @@ async def test_the_manifest_cap_is_a_setting(
 
 
 async def test_a_tag_list_over_its_cap_is_refused_without_reading_it_all(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     huge = HugeBody(HUGE, content_type="application/json", declare_length=False)
     fake_upstream.registry.huge_bodies[f"/{REPOSITORY}/tags/list"] = huge
@@ -81,7 +83,7 @@ async def test_a_tag_list_over_its_cap_is_refused_without_reading_it_all(
 
 
 async def test_a_referrers_index_over_the_manifest_cap_is_refused(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     huge = HugeBody(HUGE, content_type=OCI_INDEX)
     fake_upstream.registry.huge_bodies[f"/{REPOSITORY}/referrers/"] = huge
@@ -92,7 +94,7 @@ async def test_a_referrers_index_over_the_manifest_cap_is_refused(
 
 
 async def test_a_token_response_over_its_cap_is_refused(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     fake_upstream.registry.auth = "bearer"
     huge = HugeBody(HUGE, content_type="application/json", declare_length=False)
@@ -130,7 +132,7 @@ def test_a_full_token_table_drops_expired_tokens_first_then_the_least_recently_u
 
 
 async def test_clients_inventing_repository_names_cannot_grow_the_token_table(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     fake_upstream.registry.auth = "bearer"
     client = await mirror()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer, Image
+from harness.mirror import StartMirror
 from yarl import URL
 
 from faults.support import (
@@ -61,7 +61,7 @@ def with_credentials(upstream: FakeUpstreamServer) -> tuple[UpstreamSettings, ..
 
 
 async def test_a_slow_upstream_that_keeps_sending_completes_and_is_cached(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     registry.chunk_size = 4096
@@ -83,7 +83,7 @@ async def test_a_slow_upstream_that_keeps_sending_completes_and_is_cached(
 
 
 async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_and_is_retried(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     registry.chunk_size = 4096
@@ -112,7 +112,7 @@ async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_and_
 
 
 async def test_a_blob_with_a_wrong_content_length_is_never_served_complete_nor_cached(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     data = os.urandom(300_000)  # several chunks: the response is streaming when the lie shows
@@ -133,7 +133,7 @@ async def test_a_blob_with_a_wrong_content_length_is_never_served_complete_nor_c
 
 @pytest.mark.parametrize("fault", ["wrong_content_length", "lie_about_digest"])
 async def test_a_small_blob_with_bad_upstream_bytes_gets_a_502_or_a_broken_transfer(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image, fault: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, fault: str
 ) -> None:
     registry = fake_upstream.registry
     data = os.urandom(2000)  # one chunk: verification fails before the response is prepared
@@ -151,7 +151,7 @@ async def test_a_small_blob_with_bad_upstream_bytes_gets_a_502_or_a_broken_trans
 
 
 async def test_a_manifest_with_a_wrong_content_length_is_refused_with_502_and_not_cached(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     registry.wrong_content_length.add(image.manifest_digest)
@@ -173,7 +173,7 @@ async def test_a_manifest_with_a_wrong_content_length_is_refused_with_502_and_no
 
 @pytest.mark.parametrize("refusal", ["every token is rejected", "the credentials are rejected"])
 async def test_an_upstream_that_rejects_every_token_gets_a_clean_401_after_one_retry(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image, refusal: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, refusal: str
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"
@@ -212,7 +212,7 @@ async def test_an_upstream_that_rejects_every_token_gets_a_clean_401_after_one_r
 
 
 async def test_a_token_endpoint_that_is_down_fails_fast_with_502(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"
@@ -239,7 +239,7 @@ async def test_a_token_endpoint_that_is_down_fails_fast_with_502(
 
 
 async def test_a_429_storm_gets_every_client_a_429_with_retry_after_or_a_stale_answer(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     fresh_layer = registry.add_blob(os.urandom(40_000))
@@ -283,7 +283,7 @@ async def test_a_429_storm_gets_every_client_a_429_with_retry_after_or_a_stale_a
 
 
 async def test_a_burst_of_500s_gets_502s_trips_the_breaker_and_the_mirror_recovers(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, image: Image
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
     blobs = {registry.add_blob(os.urandom(10_000 + n)): n for n in range(10)}
@@ -329,7 +329,7 @@ async def test_a_burst_of_500s_gets_502s_trips_the_breaker_and_the_mirror_recove
 @pytest.mark.parametrize("auth", ["bearer", "basic"])
 @pytest.mark.parametrize("cdn", ["another server", "the same port under another host name"])
 async def test_a_redirect_to_another_host_never_carries_the_credentials(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     fake_cdn: FakeUpstreamServer,
     auth: str,

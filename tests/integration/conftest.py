@@ -1,8 +1,9 @@
 """Fixtures that run real programs: Distribution as the upstream, the mirror, skopeo.
 
 - ``distribution``: one started :class:`Distribution` per test module, stopped after it.
-- ``mirror_factory``: ``mirror_factory(*extra_args, upstream=None)`` starts a :class:`Mirror` in
-  front of ``upstream`` (default: the module's Distribution); every mirror is stopped at teardown.
+- ``mirror_factory``: a :class:`~harness.mirror.MirrorProcesses`; ``mirror_factory(*extra_args,
+  upstream=None)`` starts a mirror process in front of ``upstream`` (default: the module's
+  Distribution); every mirror is stopped at teardown.
 - ``mirror``: one mirror in front of the module's Distribution.
 - ``http_session``: an aiohttp client session for pushing and for raw requests.
 - ``repo``: a repository name unique to the test, derived from its name.
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from .registry import Distribution, Mirror
+from harness.mirror import Mirror, MirrorProcesses
+from harness.processes import Distribution
 
 REQUIRED_PROGRAMS = {"docker-registry": "docker-registry", "skopeo": "skopeo"}
 LOG_SECTION_LIMIT = 30_000
@@ -47,28 +48,9 @@ def distribution(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Distribut
         yield registry
 
 
-class MirrorFactory:
-    """Starts mirrors in fresh directories and remembers them so teardown stops them all."""
-
-    def __init__(self, root: Path, default_upstream: str) -> None:
-        self.root = root
-        self.default_upstream = default_upstream
-        self.mirrors: list[Mirror] = []
-
-    def __call__(self, *extra_args: str, upstream: str | None = None) -> Mirror:
-        workdir = self.root / f"mirror-{len(self.mirrors)}"
-        mirror = Mirror(workdir, upstream or self.default_upstream, *extra_args)
-        self.mirrors.append(mirror)
-        return mirror.start()
-
-    def stop_all(self) -> None:
-        for mirror in self.mirrors:
-            mirror.stop()
-
-
 @pytest.fixture
-def mirror_factory(distribution: Distribution, tmp_path: Path) -> Iterator[MirrorFactory]:
-    factory = MirrorFactory(tmp_path / "mirrors", distribution.url)
+def mirror_factory(distribution: Distribution, tmp_path: Path) -> Iterator[MirrorProcesses]:
+    factory = MirrorProcesses(tmp_path / "mirrors", distribution.url)
     try:
         yield factory
     finally:
@@ -76,7 +58,7 @@ def mirror_factory(distribution: Distribution, tmp_path: Path) -> Iterator[Mirro
 
 
 @pytest.fixture
-def mirror(mirror_factory: MirrorFactory) -> Mirror:
+def mirror(mirror_factory: MirrorProcesses) -> Mirror:
     return mirror_factory()
 
 
@@ -101,7 +83,7 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and isinstance(item, pytest.Function):
         factory = item.funcargs.get("mirror_factory")
-        if isinstance(factory, MirrorFactory):
+        if isinstance(factory, MirrorProcesses):
             for number, mirror in enumerate(factory.mirrors):
                 report.sections.append(
                     (f"mirror {number} log ({mirror.log_path})", _tail(mirror.log_text()))

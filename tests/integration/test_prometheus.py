@@ -14,27 +14,21 @@ import asyncio
 import json
 import math
 import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import aiohttp
 import pytest
 import yaml
-
-from .registry import (
-    STOP_GRACE_SECONDS,
-    Distribution,
-    Mirror,
-    build_image,
-    free_port,
-    push_image,
-    skopeo_copy,
-    verify_dir,
-)
+from harness.images import build_image
+from harness.mirror import Mirror
+from harness.ports import free_port
+from harness.processes import Distribution, Service, tail
+from harness.push import push_image
+from harness.skopeo import skopeo_copy
+from harness.verify import verify_dir
 
 pytestmark = pytest.mark.integration
 
@@ -55,17 +49,17 @@ MUST_HAVE_DATA = (
 )
 
 
-class Prometheus:
+class Prometheus(Service):
     """``prometheus`` on 127.0.0.1 scraping ``targets`` every second; data, log in ``workdir``."""
 
+    name = "prometheus"
+    ready_path = "/-/ready"
+
     def __init__(self, workdir: Path, targets: list[str], *, rule_files: tuple[Path, ...] = ()):
+        super().__init__(workdir / "prometheus.log")
         self.workdir = workdir
         self.targets = targets
         self.rule_files = rule_files
-        self.port = free_port()
-        self.log_path = workdir / "prometheus.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -88,50 +82,15 @@ class Prometheus:
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
-        self._output = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-        )
+        self.port = free_port()
+        command = [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        self._spawn(command, cwd=self.workdir, append=True)
         return self
-
-    def stop(self) -> None:
-        """SIGTERM our own process, wait, then SIGKILL."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=STOP_GRACE_SECONDS)
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-
-    def exited(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:]
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class PrometheusAPI:
@@ -166,11 +125,11 @@ class PrometheusAPI:
                     return
             except (aiohttp.ClientError, AssertionError) as exc:
                 with_error = exc
-            if self.server.exited() is not None or time.monotonic() > deadline:
+            if self.server.returncode is not None or time.monotonic() > deadline:
                 pytest.fail(
                     f"Prometheus: {what} did not happen within {DEADLINE_SECONDS:.0f} s "
-                    f"(last error: {with_error}; exit status: {self.server.exited()})\n"
-                    f"{self.server.log_text()}",
+                    f"(last error: {with_error}; exit status: {self.server.returncode})\n"
+                    f"{tail(self.server.log_path)}",
                     pytrace=False,
                 )
             await asyncio.sleep(POLL_SECONDS)

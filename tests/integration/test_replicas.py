@@ -22,7 +22,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,23 +32,13 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from harness.digests import sha256_digest
+from harness.images import DOCKER_MANIFEST, LARGE_LAYERS, OCI_MANIFEST, Image, build_image
+from harness.mirror import Mirror, upstream_tables
+from harness.ports import free_port
+from harness.processes import Distribution, Service, tail
+from harness.push import push_blob, push_image
 from multidict import CIMultiDict
-
-from .registry import (
-    DOCKER_MANIFEST,
-    LARGE_LAYERS,
-    OCI_MANIFEST,
-    Distribution,
-    Image,
-    Mirror,
-    Service,
-    _tail,
-    build_image,
-    free_port,
-    push_blob,
-    push_image,
-    sha256_digest,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -208,40 +197,12 @@ class CountingRelay:
 # --------------------------------------------------------------------------------------------
 
 
-class Replica(Mirror):
+def replica_mirror(workdir: Path, relay_url: str, redis_url: str) -> Mirror:
     """A mirror configured from a TOML file: the upstream by name, and the shared Redis."""
-
-    def __init__(self, workdir: Path, relay_url: str, redis_url: str) -> None:
-        super().__init__(workdir, relay_url)
-        self.config_path = workdir / "config.toml"
-        self.config_text = (
-            f'redis_url = "{redis_url}"\n'
-            'negative_ttl = "5m"\n'
-            "[[upstreams]]\n"
-            f'name = "{UPSTREAM_NAME}"\n'
-            f'url = "{relay_url}"\n'
-        )
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--cache-dir",
-            str(self.cache_dir),
-            "--cache-max-size",
-            "1GiB",
-        ]
-
-    def start(self) -> Self:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text)
-        return super().start()
+    config = f'redis_url = "{redis_url}"\nnegative_ttl = "5m"\n' + upstream_tables(
+        {UPSTREAM_NAME: relay_url}
+    )
+    return Mirror(workdir, None, config=config, log_level="info")
 
 
 def render_nginx_conf(prefix: Path, listen_port: int, replicas: Sequence[str]) -> str:
@@ -291,7 +252,7 @@ class Nginx(Service):
         return self
 
     def access_log(self) -> str:
-        return _tail(self.prefix / "access.log", limit=200_000)
+        return tail(self.prefix / "access.log", limit=200_000)
 
 
 class Fleet:
@@ -313,7 +274,7 @@ class Fleet:
         ]
         self.redis_url = redis_url
         self.balancer = balancer
-        self.replicas: list[Replica] = []
+        self.replicas: list[Mirror] = []
         self.nginx: Nginx | None = None
 
     @property
@@ -329,7 +290,7 @@ class Fleet:
             for relay in self.relays:
                 await relay.start()
             self.replicas = [
-                Replica(self.workdir / f"replica-{i}", relay.url, self.redis_url)
+                replica_mirror(self.workdir / f"replica-{i}", relay.url, self.redis_url)
                 for i, relay in enumerate(self.relays)
             ]
             # Python start-up dominates: start the three at once.
@@ -375,7 +336,7 @@ class Fleet:
         return total
 
     def logs(self) -> str:
-        parts = [f"--- replica {i}\n{_tail(r.log_path, 6000)}" for i, r in enumerate(self.replicas)]
+        parts = [f"--- replica {i}\n{tail(r.log_path, 6000)}" for i, r in enumerate(self.replicas)]
         if self.nginx is not None:
             parts.append(f"--- nginx access log\n{self.nginx.access_log()[-6000:]}")
         return "\n".join(parts)

@@ -13,26 +13,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from .registry import (
-    DIR_MANIFEST,
+from harness.digests import sha256_digest
+from harness.images import (
     LARGE_LAYERS,
     SMALL_LAYERS,
-    Distribution,
     Format,
     Image,
     ImageIndex,
-    Mirror,
-    SkopeoError,
-    blob_digests,
     build_image,
     build_index,
-    push_image,
-    push_index,
-    sha256_digest,
-    skopeo_copy,
-    verify_dir,
 )
+from harness.mirror import Mirror
+from harness.processes import Distribution
+from harness.push import push_image, push_index
+from harness.skopeo import SkopeoError, skopeo_copy
+from harness.verify import DIR_MANIFEST, blob_digests, verify_dir
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-
-from .registry import Distribution, Mirror, build_image, push_image
+from harness.images import build_image
+from harness.mirror import Mirror
+from harness.processes import Distribution
+from harness.push import push_image
 
 pytestmark = pytest.mark.integration
 

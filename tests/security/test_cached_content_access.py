@@ -13,8 +13,8 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Image
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.access import AccessRule
@@ -56,7 +56,7 @@ async def pull(client: object, prefix: str, image: Image, headers: dict[str, str
 
 
 async def test_a_denied_user_cannot_read_a_private_image_by_digest_through_an_allowed_repository(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     fake_cdn: FakeUpstreamServer,
     htpasswd: Path,
@@ -107,7 +107,7 @@ async def test_a_denied_user_cannot_read_a_private_image_by_digest_through_an_al
 
 
 async def test_a_recorded_repository_keeps_serving_from_the_cache_while_the_upstream_is_down(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     fake_cdn: FakeUpstreamServer,
     htpasswd: Path,
@@ -145,7 +145,7 @@ def private_registry(server: FakeUpstreamServer) -> tuple[Image, Image]:
 
 
 async def test_an_anonymous_client_cannot_read_private_cached_blobs_through_a_public_repository(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     secret, public = private_registry(fake_upstream)
     client = await mirror(upstreams=(passthrough_upstream(fake_upstream),))
@@ -164,7 +164,7 @@ async def test_an_anonymous_client_cannot_read_private_cached_blobs_through_a_pu
 
 
 async def test_an_anonymous_client_cannot_read_private_cached_blobs_through_the_default_upstream(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
 ) -> None:
     secret, _ = private_registry(fake_cdn)
     hub = fake_upstream.registry
@@ -190,7 +190,7 @@ async def test_an_anonymous_client_cannot_read_private_cached_blobs_through_the_
 
 
 async def test_an_anonymous_404_does_not_erase_a_tag_resolution_authorised_users_rely_on(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     secret, _ = private_registry(fake_upstream)
     fake_upstream.registry.hide_private = True  # anonymous clients get 404, not 401

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.config import ConfigError, Secret, UpstreamSettings, load_settings
@@ -41,7 +41,7 @@ def test_htpasswd_with_pass_through_credentials_is_refused_at_start_up(tmp_path:
 
 
 async def test_configured_credentials_never_go_to_a_token_realm_on_another_host(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"
@@ -60,7 +60,7 @@ async def test_configured_credentials_never_go_to_a_token_realm_on_another_host(
 
 
 async def test_configured_credentials_go_to_a_token_realm_on_the_upstreams_host(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"

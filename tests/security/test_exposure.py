@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy import cli, state
@@ -99,7 +99,7 @@ def test_credentials_in_an_upstream_url_are_refused_without_repeating_them(
     assert "hunter2" not in str(error.value)
 
 
-async def test_an_invented_request_method_is_counted_as_other(mirror: MirrorFactory) -> None:
+async def test_an_invented_request_method_is_counted_as_other(mirror: StartMirror) -> None:
     client = await mirror()
     for method in ("PROPFIND", "GET"):  # a WebDAV method: the HTTP parser lets it through
         await (await client.request(method, "/v2/")).read()
@@ -113,7 +113,7 @@ async def test_an_invented_request_method_is_counted_as_other(mirror: MirrorFact
 
 
 async def test_clients_cannot_make_the_mirror_probe_its_upstreams_at_will(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror()
     for _ in range(5):
@@ -124,7 +124,7 @@ async def test_clients_cannot_make_the_mirror_probe_its_upstreams_at_will(
 
 
 async def test_readiness_probes_only_the_configured_upstreams(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror(allow_any_registry=True)
     client.app[state.UPSTREAMS].route("x/tags/list", "registry.example")

@@ -10,7 +10,7 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
-from fakeupstream import free_port
+from harness.ports import free_port
 
 from proxy.egress import is_public, is_public_registry_name
 from security.conftest import SECRET, DynamicMirror, HostileRegistry, InternalService

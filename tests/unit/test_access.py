@@ -7,8 +7,8 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.access import AccessRule
@@ -39,7 +39,7 @@ def tokens(tmp_path: Path) -> Path:
 
 
 async def test_without_credentials_clients_get_a_basic_challenge(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, htpasswd: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, htpasswd: Path
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(auth_htpasswd=htpasswd)
@@ -54,7 +54,7 @@ async def test_without_credentials_clients_get_a_basic_challenge(
 
 
 async def test_htpasswd_users_and_static_tokens_pull(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, htpasswd: Path, tokens: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, htpasswd: Path, tokens: Path
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(auth_htpasswd=htpasswd, auth_tokens_file=tokens)
@@ -73,7 +73,7 @@ async def test_htpasswd_users_and_static_tokens_pull(
 
 
 async def test_allow_lists_keep_private_upstreams_to_their_users(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     fake_cdn: FakeUpstreamServer,
     htpasswd: Path,
@@ -119,7 +119,7 @@ def test_access_rules_and_bad_auth_files_are_checked_at_start_up(tmp_path: Path)
 
 
 async def test_with_client_credentials_passed_on_the_cache_serves_only_whom_upstream_accepts(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"
@@ -156,7 +156,7 @@ async def test_with_client_credentials_passed_on_the_cache_serves_only_whom_upst
 
 
 async def test_an_access_decision_is_remembered_briefly_not_asked_on_every_request(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     registry.auth = "bearer"

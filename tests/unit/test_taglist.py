@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer
+from harness.mirror import StartMirror
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -117,7 +117,7 @@ def test_n_must_be_a_plain_number(n: str) -> None:
 
 @pytest.mark.parametrize("ignores", [False, True], ids=["upstream-pages", "upstream-ignores-n"])
 async def test_n_1_walks_every_tag_through_link_headers_whatever_the_upstream_does(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, ignores: bool
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, ignores: bool
 ) -> None:
     fake_upstream.registry.ignore_pagination = ignores
     for tag in TAGS:
@@ -140,7 +140,7 @@ async def test_n_1_walks_every_tag_through_link_headers_whatever_the_upstream_do
 
 
 async def test_n_0_and_last_through_an_upstream_that_ignores_them(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.ignore_pagination = True
     for tag in TAGS:
@@ -157,7 +157,7 @@ async def test_n_0_and_last_through_an_upstream_that_ignores_them(
 
 
 async def test_the_next_link_keeps_the_clients_route_to_its_upstream(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.ignore_pagination = True
     for tag in TAGS:

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
 from fakeupstream import (
     ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST,
@@ -17,6 +16,7 @@ from fakeupstream import (
     OCI_MANIFEST,
     FakeUpstreamServer,
 )
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy import state
@@ -44,7 +44,7 @@ async def age_resolution(client: Client, repository: str, tag: str) -> None:
 
 
 async def test_within_the_ttl_no_upstream_request_is_made(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(**backend)
@@ -62,7 +62,7 @@ async def test_within_the_ttl_no_upstream_request_is_made(
 
 
 async def test_a_stale_tag_is_revalidated_by_one_head_and_refetched_only_when_it_moved(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
 ) -> None:
     registry = fake_upstream.registry
     old = registry.add_image("team/app", "latest", [b"old layer"])
@@ -89,7 +89,7 @@ async def test_a_stale_tag_is_revalidated_by_one_head_and_refetched_only_when_it
 
 
 async def test_a_herd_revalidating_one_stale_tag_makes_one_upstream_request(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("team/app", "latest", [b"layer"])
     client = await mirror()
@@ -105,7 +105,7 @@ async def test_a_herd_revalidating_one_stale_tag_makes_one_upstream_request(
 
 @pytest.mark.parametrize("failure", ["refused", "black_hole", "500", "429"])
 async def test_a_cached_tag_is_served_stale_while_the_upstream_fails(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     backend: dict[str, Any],
     failure: str,
@@ -135,7 +135,7 @@ async def test_a_cached_tag_is_served_stale_while_the_upstream_fails(
 
 
 async def test_a_tag_never_seen_fails_fast_with_an_oci_error_when_upstream_is_down(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror()
     await fake_upstream.stop()
@@ -147,7 +147,7 @@ async def test_a_tag_never_seen_fails_fast_with_an_oci_error_when_upstream_is_do
 
 
 async def test_rate_limiting_without_a_cached_answer_is_passed_on(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     fake_upstream.registry.fail_next("/manifests/", 429, headers={"Retry-After": "30"})
@@ -158,7 +158,7 @@ async def test_rate_limiting_without_a_cached_answer_is_passed_on(
 
 
 async def test_a_missing_tag_is_remembered_for_the_negative_ttl(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(negative_ttl=60.0)
@@ -170,7 +170,7 @@ async def test_a_missing_tag_is_remembered_for_the_negative_ttl(
 
 
 async def test_clients_with_and_without_index_support_each_get_an_acceptable_type(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
 ) -> None:
     registry = fake_upstream.registry
     amd64 = registry.add_image("multi", None, [b"amd"], platform="linux/amd64")
@@ -191,7 +191,7 @@ async def test_clients_with_and_without_index_support_each_get_an_acceptable_typ
 
 
 async def test_accept_lists_in_any_order_share_one_cache_entry(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()
@@ -205,7 +205,7 @@ async def test_accept_lists_in_any_order_share_one_cache_entry(
 
 
 async def test_ns_and_path_prefix_route_to_their_upstream_and_never_mix(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
 ) -> None:
     hub, ghcr = fake_upstream, fake_cdn  # two independent fake registries
     hub_image = hub.registry.add_image("org/app", "1.0", [b"from docker hub"])
@@ -235,7 +235,7 @@ async def test_ns_and_path_prefix_route_to_their_upstream_and_never_mix(
 
 
 async def test_an_unknown_ns_gets_a_fast_404_so_containerd_tries_its_next_host(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror()
     response = await client.get("/v2/org/app/manifests/1.0?ns=quay.io", headers=ACCEPT)
@@ -245,7 +245,7 @@ async def test_an_unknown_ns_gets_a_fast_404_so_containerd_tries_its_next_host(
 
 
 async def test_the_circuit_breaker_stops_calling_a_failing_upstream(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.fail_next("/manifests/", 503, times=100)
     client = await mirror(breaker_failures=3, breaker_cooldown=60.0)
@@ -256,7 +256,7 @@ async def test_the_circuit_breaker_stops_calling_a_failing_upstream(
 
 
 async def test_referrers_are_proxied(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     body = (

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
-from integration.registry import Mirror
+from harness.mirror import Mirror
 
 
 async def test_a_mirror_killed_mid_download_leaves_no_partial_blob_and_refetches(

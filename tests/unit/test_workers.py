@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
-from integration.registry import Mirror
+from harness.mirror import Mirror
 
 WORKERS = 2
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
-from fakeupstream import FakeUpstreamServer, Image, free_port
+from fakeupstream import FakeUpstreamServer, Image
+from harness.mirror import StartMirror, proxy_command
+from harness.ports import free_port
 from rich.console import Console
 from yarl import URL
 
@@ -71,7 +71,7 @@ class Admin:
 
 @pytest.fixture
 async def start_admin(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, tmp_path: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[Admin]]]:
     """Start the mirror with its admin API on a free port, protected by `TOKEN`."""
     sessions: list[aiohttp.ClientSession] = []
@@ -364,8 +364,8 @@ async def cache_cli(
 ) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_PROXY_")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "cache", "--admin", str(admin.url),
-        "--token-file", str(token_file or admin.token_file), *args,
+        *proxy_command("cache", "--admin", str(admin.url),
+                       "--token-file", str(token_file or admin.token_file), *args),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**env, "COLUMNS": "160"},
     )  # fmt: skip

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
 from fakeupstream import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -26,6 +25,7 @@ from fakeupstream import (
     OCI_MANIFEST,
     FakeUpstreamServer,
 )
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy import state
@@ -81,7 +81,7 @@ async def fail(upstream: FakeUpstreamServer, how: str) -> None:
 @pytest.mark.parametrize("resolver", ["warm", *CLIENTS])
 @pytest.mark.parametrize("failure", ["refused", "black_hole", "503", "429"])
 async def test_a_tag_resolved_by_one_client_is_served_to_every_client_while_upstream_fails(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, resolver: str, failure: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, resolver: str, failure: str
 ) -> None:
     image = fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror(revalidate_timeout=0.5, response_timeout=30.0, read_timeout=30.0)
@@ -107,7 +107,7 @@ async def test_a_tag_resolved_by_one_client_is_served_to_every_client_while_upst
 
 
 async def test_a_fresh_tag_resolved_with_one_accept_list_is_a_hit_for_every_other(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     amd64 = registry.add_image("multi", None, [b"amd"], platform="linux/amd64")
@@ -125,7 +125,7 @@ async def test_a_fresh_tag_resolved_with_one_accept_list_is_a_hit_for_every_othe
 
 
 async def test_an_index_tag_refused_to_an_images_only_client_still_serves_index_clients(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, backend: dict[str, Any]
 ) -> None:
     registry = fake_upstream.registry
     registry.index_fallback = False  # Distribution: OCI index + no index in Accept -> 404
@@ -148,7 +148,7 @@ async def test_an_index_tag_refused_to_an_images_only_client_still_serves_index_
 
 
 async def test_an_images_only_404_after_the_index_was_cached_does_not_hide_the_index(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     registry = fake_upstream.registry
     registry.index_fallback = False
@@ -165,7 +165,7 @@ async def test_an_images_only_404_after_the_index_was_cached_does_not_hide_the_i
 
 
 async def test_a_tag_that_does_not_exist_is_one_upstream_call_for_every_client(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror(negative_ttl=60.0)
@@ -177,7 +177,7 @@ async def test_a_tag_that_does_not_exist_is_one_upstream_call_for_every_client(
 
 
 async def test_an_accept_header_that_admits_no_manifest_type_gets_a_404_without_upstream(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror()
@@ -190,7 +190,7 @@ async def test_an_accept_header_that_admits_no_manifest_type_gets_a_404_without_
 
 
 async def test_two_thousand_accept_spellings_cost_one_upstream_get_and_a_bounded_entry(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror()
@@ -216,7 +216,7 @@ async def test_two_thousand_accept_spellings_cost_one_upstream_get_and_a_bounded
 
 
 async def test_a_tag_entry_written_by_the_previous_version_is_still_served(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, redis_url: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, redis_url: str
 ) -> None:
     registry = fake_upstream.registry
     amd64 = registry.add_image("legacy/multi", None, [b"amd"], platform="linux/amd64")
@@ -261,7 +261,7 @@ async def black_hole() -> AsyncIterator[URL]:
 
 
 async def test_a_black_holed_upstream_fails_what_was_never_seen_within_the_response_timeout(
-    mirror: MirrorFactory, black_hole: URL
+    mirror: StartMirror, black_hole: URL
 ) -> None:
     client = await mirror(
         upstreams=(UpstreamSettings("fake", black_hole),),
@@ -290,7 +290,7 @@ async def test_a_black_holed_upstream_fails_what_was_never_seen_within_the_respo
 
 
 async def test_a_black_holed_revalidation_is_abandoned_by_clients_but_counted_by_the_breaker(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("library/hello", "latest", [b"layer"])
     client = await mirror(

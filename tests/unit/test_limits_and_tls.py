@@ -9,13 +9,13 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
-from conftest import MirrorFactory
-from fakeupstream import FakeUpstreamServer, free_port
+from fakeupstream import FakeUpstreamServer
+from harness.mirror import StartMirror, serve_command
+from harness.ports import free_port
 from yarl import URL
 
 from proxy.config import UpstreamSettings
@@ -55,7 +55,7 @@ async def test_upstream_downloads_wait_for_a_free_slot(fake_upstream: FakeUpstre
 
 
 async def test_a_blob_over_the_size_limit_is_refused_clearly(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
     digest = fake_upstream.registry.add_blob(os.urandom(200_000))
@@ -103,9 +103,8 @@ async def test_https_is_served_and_a_sighup_reloads_the_certificate(
     key.write_bytes(first_key.read_bytes())
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{port}",
-        "--upstream", fake_upstream.url, "--cache-dir", str(tmp_path / "cache"),
-        "--tls-cert", str(cert), "--tls-key", str(key), "--log-level", "warning",
+        *serve_command(port, tmp_path / "cache", "--upstream", fake_upstream.url,
+                       "--tls-cert", str(cert), "--tls-key", str(key), "--log-level", "warning"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

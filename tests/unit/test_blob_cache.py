@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer, Gate
+from harness.mirror import StartMirror
 
 from proxy import state
 from proxy.blobstore import BlobStore
@@ -48,7 +48,7 @@ def upstream_gets(upstream: FakeUpstreamServer, digest: str) -> int:
 
 
 async def test_fifty_concurrent_misses_make_one_upstream_download_and_all_stream_early(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     digest, data = add_blob(fake_upstream, 2 * 1024 * 1024)
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=512 * 1024)
@@ -78,7 +78,7 @@ async def test_fifty_concurrent_misses_make_one_upstream_download_and_all_stream
 
 
 async def test_range_requests_on_a_blob_still_downloading_get_the_right_bytes(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     digest, data = add_blob(fake_upstream, 1024 * 1024)
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=300_000)
@@ -102,7 +102,7 @@ async def test_range_requests_on_a_blob_still_downloading_get_the_right_bytes(
 
 
 async def test_the_download_completes_after_the_first_client_disconnects(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     digest, data = add_blob(fake_upstream, 1024 * 1024)
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=200_000)
@@ -122,7 +122,7 @@ async def test_the_download_completes_after_the_first_client_disconnects(
 
 @pytest.mark.parametrize("fault", ["lie_about_digest", "truncate", "reset_after"])
 async def test_bad_upstream_bytes_are_never_cached_and_the_client_sees_a_failed_transfer(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, fault: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, fault: str
 ) -> None:
     digest, data = add_blob(fake_upstream, 500_000)
     registry = fake_upstream.registry
@@ -152,7 +152,7 @@ async def test_bad_upstream_bytes_are_never_cached_and_the_client_sees_a_failed_
 
 
 async def test_a_hit_is_served_from_disk_with_ranges_and_etags_and_no_upstream_call(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     digest, data = add_blob(fake_upstream, 2048)
     client = await mirror()
@@ -190,7 +190,7 @@ async def test_a_hit_is_served_from_disk_with_ranges_and_etags_and_no_upstream_c
 
 
 async def test_a_blob_larger_than_the_budget_is_streamed_through(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     digest, data = add_blob(fake_upstream, 300_000)
     client = await mirror(cache_max_size=100_000)
@@ -215,7 +215,7 @@ def small_filesystem(path: Path, size: str, *, read_only: bool = False) -> Itera
 
 
 async def test_a_full_disk_mid_download_still_delivers_the_whole_blob(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, tmp_path: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
     digest, data = add_blob(fake_upstream, 3 * 1024 * 1024)
     with small_filesystem(tmp_path / "tiny", "1m") as cache_dir:
@@ -230,7 +230,7 @@ async def test_a_full_disk_mid_download_still_delivers_the_whole_blob(
 
 
 async def test_a_read_only_cache_dir_degrades_to_pass_through(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, tmp_path: Path
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
     digest, data = add_blob(fake_upstream, 200_000)
     with small_filesystem(tmp_path / "ro", "1m", read_only=True) as cache_dir:

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config import load_settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 # The mirror's own config files; client configuration (containerd, registries.conf) is
 # exercised by the client tests.
 MIRROR_CONFIGS = [

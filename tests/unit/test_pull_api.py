@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import (
     ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST,
@@ -18,6 +17,7 @@ from fakeupstream import (
     OCI_MANIFEST,
     FakeUpstreamServer,
 )
+from harness.mirror import StartMirror
 
 API_VERSION = "Docker-Distribution-API-Version"
 
@@ -52,7 +52,7 @@ def error_code(body: Any) -> str:
 
 
 async def test_ping_answers_locally_with_the_api_version(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror()
     for path in ("/v2/", "/v2"):
@@ -66,7 +66,7 @@ async def test_ping_answers_locally_with_the_api_version(
 
 
 async def test_manifest_by_tag_is_the_upstream_bytes_with_its_headers(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer-one", b"layer-two"])
     client = await mirror()
@@ -90,7 +90,7 @@ async def test_manifest_by_tag_is_the_upstream_bytes_with_its_headers(
 
 
 async def test_a_manifest_fetched_once_by_digest_is_served_from_the_cache(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()
@@ -110,7 +110,7 @@ async def test_a_manifest_fetched_once_by_digest_is_served_from_the_cache(
 
 
 async def test_several_accept_lines_are_all_passed_on(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     amd64 = fake_upstream.registry.add_image("multi", None, [b"amd"], platform="linux/amd64")
     arm64 = fake_upstream.registry.add_image("multi", None, [b"arm"], platform="linux/arm64")
@@ -128,7 +128,7 @@ async def test_several_accept_lines_are_all_passed_on(
 
 
 async def test_a_client_that_does_not_accept_indexes_never_gets_one(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     amd64 = fake_upstream.registry.add_image("multi", None, [b"amd"], platform="linux/amd64")
     arm64 = fake_upstream.registry.add_image("multi", None, [b"arm"], platform="linux/arm64")
@@ -165,7 +165,7 @@ async def test_a_client_that_does_not_accept_indexes_never_gets_one(
     ],
 )
 async def test_bad_input_gets_an_oci_error_before_any_upstream_call(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     method: str,
     path: str,
@@ -191,7 +191,7 @@ async def test_bad_input_gets_an_oci_error_before_any_upstream_call(
     ],
 )
 async def test_upstream_not_found_becomes_the_matching_oci_error(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, path: str, code: str
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, path: str, code: str
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()
@@ -201,7 +201,7 @@ async def test_upstream_not_found_becomes_the_matching_oci_error(
 
 
 async def test_tag_list_passes_pagination_and_the_link_header(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     for tag in ("a", "b", "c"):
         fake_upstream.registry.add_image("team/app", tag, [tag.encode()])
@@ -216,7 +216,7 @@ async def test_tag_list_passes_pagination_and_the_link_header(
 
 
 async def test_a_blob_is_served_byte_exact_with_its_digest(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     data = os.urandom(300_000)
     digest = fake_upstream.registry.add_blob(data)
@@ -235,7 +235,7 @@ async def test_a_blob_is_served_byte_exact_with_its_digest(
 
 
 async def test_pulls_work_behind_bearer_token_auth_anonymously_and_with_credentials(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, tmp_path: Any
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Any
 ) -> None:
     from yarl import URL
 
@@ -272,7 +272,7 @@ async def test_pulls_work_behind_bearer_token_auth_anonymously_and_with_credenti
 
 
 async def test_pulls_work_with_basic_auth(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     from yarl import URL
 
@@ -288,7 +288,7 @@ async def test_pulls_work_with_basic_auth(
 
 
 async def test_blob_redirects_are_followed_without_forwarding_credentials(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, fake_cdn: FakeUpstreamServer
 ) -> None:
     from yarl import URL
 
@@ -312,7 +312,7 @@ async def test_blob_redirects_are_followed_without_forwarding_credentials(
 
 
 async def test_a_redirect_loop_ends_in_a_clean_error(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     fake_upstream.registry.redirect_loop = True
@@ -323,7 +323,7 @@ async def test_a_redirect_loop_ends_in_a_clean_error(
 
 
 async def test_docker_hub_single_component_names_get_library_prefix(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     from yarl import URL
 
@@ -339,7 +339,7 @@ async def test_docker_hub_single_component_names_get_library_prefix(
 
 
 async def test_an_unreachable_upstream_fails_fast_with_502(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror()
     await fake_upstream.stop()
@@ -351,7 +351,7 @@ async def test_an_unreachable_upstream_fails_fast_with_502(
 
 
 async def test_an_upstream_that_never_answers_times_out_with_504(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.black_hole = True
     client = await mirror(read_timeout=0.5)
@@ -362,7 +362,7 @@ async def test_an_upstream_that_never_answers_times_out_with_504(
 
 @pytest.mark.parametrize("status", [500, 503])
 async def test_upstream_server_errors_become_502(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, status: int
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, status: int
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     fake_upstream.registry.fail_next("/manifests/", status, times=5)
@@ -372,7 +372,7 @@ async def test_upstream_server_errors_become_502(
 
 
 async def test_upstream_rate_limit_is_passed_on_with_retry_after(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     fake_upstream.registry.fail_next("/manifests/", 429, headers={"Retry-After": "17"})
     client = await mirror()
@@ -383,7 +383,7 @@ async def test_upstream_rate_limit_is_passed_on_with_retry_after(
 
 
 async def test_a_manifest_whose_bytes_do_not_match_its_digest_is_refused(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     fake_upstream.registry.lie_about_digest.add(image.manifest_digest)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
 from fakeupstream import FakeRegistry, FakeUpstreamServer, Image
+from harness.mirror import StartMirror, proxy_command
 from rich.console import Console
 from yarl import URL
 
@@ -96,7 +96,7 @@ def test_a_kubectl_image_list_is_read_once_per_image(
 
 
 @pytest.fixture
-async def mirror_client(mirror: MirrorFactory, fake_upstream: FakeUpstreamServer) -> Mirror:
+async def mirror_client(mirror: StartMirror, fake_upstream: FakeUpstreamServer) -> Mirror:
     # The upstream is named by its host, so `<host>/team/app:1` routes by path prefix, and,
     # being the default, `app:1` (docker.io/library/app) routes to it too.
     upstream = UpstreamSettings(fake_upstream.host, URL(fake_upstream.url))
@@ -216,7 +216,7 @@ def cli_env() -> dict[str, str]:
 
 async def run_cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args,
+        *proxy_command(*args),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=cli_env(),
     )  # fmt: skip
@@ -242,7 +242,7 @@ async def run_cli_on_terminal(*args: str) -> tuple[int, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", *args,
+            *proxy_command(*args),
             stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=slave, env=cli_env(),
         )  # fmt: skip
     finally:

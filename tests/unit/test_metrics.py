@@ -23,8 +23,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import MirrorFactory
-from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate, free_port
+from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate
+from harness.mirror import StartMirror
+from harness.ports import free_port
 
 from proxy import state
 from proxy.metrics import REQUEST_BUCKETS
@@ -146,7 +147,7 @@ def read_only_filesystem(path: Path) -> Iterator[Path]:
 
 
 async def test_a_blob_miss_then_a_hit_are_counted_by_cache_result_and_route(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, _ = add_blob(fake_upstream, 10_000)
     client = await mirror()
@@ -163,7 +164,7 @@ async def test_a_blob_miss_then_a_hit_are_counted_by_cache_result_and_route(
 
 
 async def test_tag_and_digest_manifest_lookups_are_counted_under_their_own_kinds(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()
@@ -184,7 +185,7 @@ async def test_tag_and_digest_manifest_lookups_are_counted_under_their_own_kinds
 
 
 async def test_a_request_joining_a_download_in_flight_counts_as_coalesced(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, data = add_blob(fake_upstream, 1024 * 1024)
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=256 * 1024)
@@ -214,7 +215,7 @@ async def test_a_request_joining_a_download_in_flight_counts_as_coalesced(
 
 
 async def test_a_tag_answered_from_the_cache_while_the_upstream_is_down_counts_as_stale(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror(revalidate_timeout=0.5)
@@ -236,7 +237,7 @@ async def age_resolution(client: Client, repository: str, tag: str) -> None:
 
 @pytest.mark.parametrize(("failure", "reason"), [("500", "status_5xx"), ("refused", "unreachable")])
 async def test_an_upstream_failure_counts_an_upstream_error_by_reason_and_an_error_request(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
     access_log: AccessLog,
     failure: str,
@@ -264,7 +265,7 @@ async def test_an_upstream_failure_counts_an_upstream_error_by_reason_and_an_err
 
 
 async def test_served_bytes_are_split_by_source_and_upstream_bytes_count_the_one_download(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, data = add_blob(fake_upstream, 300_000)
     client = await mirror()
@@ -285,7 +286,7 @@ async def test_served_bytes_are_split_by_source_and_upstream_bytes_count_the_one
 
 
 async def test_time_to_first_byte_is_observed_once_per_blob_response_by_cache_result(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, _ = add_blob(fake_upstream, 100_000)
     client = await mirror()
@@ -302,7 +303,7 @@ async def test_time_to_first_byte_is_observed_once_per_blob_response_by_cache_re
 
 
 async def test_request_histograms_resolve_sub_millisecond_hits_and_multi_minute_blobs(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()
@@ -319,7 +320,7 @@ async def test_request_histograms_resolve_sub_millisecond_hits_and_multi_minute_
 
 
 async def test_the_metrics_endpoint_answers_in_the_prometheus_text_format(
-    mirror: MirrorFactory, access_log: AccessLog
+    mirror: StartMirror, access_log: AccessLog
 ) -> None:
     client = await mirror()
     response, body = await fetch(client, "/metrics", access_log)
@@ -334,7 +335,7 @@ async def test_the_metrics_endpoint_answers_in_the_prometheus_text_format(
 
 
 async def test_cache_gauges_report_size_entries_and_budget(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     first, first_data = add_blob(fake_upstream, 30_000)
     second, second_data = add_blob(fake_upstream, 50_000)
@@ -353,7 +354,7 @@ async def test_cache_gauges_report_size_entries_and_budget(
 
 
 async def test_a_download_in_flight_shows_in_the_gauges_until_it_lands(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, data = add_blob(fake_upstream, 500_000)
     gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=100_000)
@@ -376,7 +377,7 @@ async def test_a_download_in_flight_shows_in_the_gauges_until_it_lands(
 
 
 async def test_exceeding_a_small_budget_counts_evicted_blobs_and_bytes(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     blobs = [add_blob(fake_upstream, 40_000) for _ in range(3)]
     client = await mirror(cache_max_size=100_000)
@@ -393,7 +394,7 @@ async def test_exceeding_a_small_budget_counts_evicted_blobs_and_bytes(
 
 
 async def test_a_lying_upstream_counts_a_digest_mismatch_and_nothing_is_cached(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, _ = add_blob(fake_upstream, 200_000)
     fake_upstream.registry.lie_about_digest.add(digest)
@@ -417,7 +418,7 @@ async def test_a_lying_upstream_counts_a_digest_mismatch_and_nothing_is_cached(
 # --------------------------------------------------------------------------------------------
 
 
-async def test_healthz_answers_ok(mirror: MirrorFactory, access_log: AccessLog) -> None:
+async def test_healthz_answers_ok(mirror: StartMirror, access_log: AccessLog) -> None:
     client = await mirror()
     response, body = await fetch(client, "/healthz", access_log)
     assert response.status == 200
@@ -425,7 +426,7 @@ async def test_healthz_answers_ok(mirror: MirrorFactory, access_log: AccessLog) 
 
 
 async def test_readyz_is_200_and_the_ready_gauge_1_with_a_writable_cache(
-    mirror: MirrorFactory, access_log: AccessLog
+    mirror: StartMirror, access_log: AccessLog
 ) -> None:
     client = await mirror()
     response, body = await fetch(client, "/readyz", access_log)
@@ -439,7 +440,7 @@ async def test_readyz_is_200_and_the_ready_gauge_1_with_a_writable_cache(
 
 
 async def test_readyz_is_503_and_the_ready_gauge_0_when_the_cache_dir_is_read_only(
-    mirror: MirrorFactory, access_log: AccessLog, tmp_path: Path
+    mirror: StartMirror, access_log: AccessLog, tmp_path: Path
 ) -> None:
     with read_only_filesystem(tmp_path / "ro") as cache_dir:
         client = await mirror(cache_dir=cache_dir)
@@ -455,7 +456,7 @@ async def test_readyz_is_503_and_the_ready_gauge_0_when_the_cache_dir_is_read_on
 
 
 async def test_metrics_listen_serves_metrics_on_its_own_address_and_not_on_the_main_port(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     port = free_port()
@@ -483,7 +484,7 @@ async def test_metrics_listen_serves_metrics_on_its_own_address_and_not_on_the_m
 
 
 async def test_each_request_writes_one_json_access_log_line_with_the_documented_fields(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, data = add_blob(fake_upstream, 20_000)
     client = await mirror()
@@ -517,7 +518,7 @@ async def test_each_request_writes_one_json_access_log_line_with_the_documented_
 
 
 async def test_a_blob_the_upstream_cuts_mid_body_is_logged_and_counted_as_aborted(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, _ = add_blob(fake_upstream, 500_000)
     fake_upstream.registry.truncate[digest] = 300_000
@@ -547,7 +548,7 @@ async def test_a_blob_the_upstream_cuts_mid_body_is_logged_and_counted_as_aborte
 
 
 async def test_a_client_leaving_mid_body_is_logged_and_counted_as_aborted_by_the_client(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     # Larger than what the socket buffers between the two ends can hold.
     digest, data = add_blob(fake_upstream, 32 * 1024 * 1024)
@@ -569,7 +570,7 @@ async def test_a_client_leaving_mid_body_is_logged_and_counted_as_aborted_by_the
 
 
 async def test_a_complete_transfer_is_not_aborted(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, access_log: AccessLog
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, access_log: AccessLog
 ) -> None:
     digest, data = add_blob(fake_upstream, 100_000)
     client = await mirror()

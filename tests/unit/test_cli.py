@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness.mirror import proxy_command
 
 from proxy.cli import main
 
@@ -20,7 +20,7 @@ def run_proxy(
     # A clean environment: no REGISTRY_PROXY_* leaking in from the shell running the tests.
     base = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_PROXY_")}
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
+        proxy_command(*args),
         capture_output=True,
         text=True,
         env={**base, **(env or {})},

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUSTOMIZE_BASE = DEPLOY / "kubernetes"
 CACHE_DIR = "/var/cache/registry-proxy"

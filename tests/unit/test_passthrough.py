@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Image
+from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.config import UpstreamSettings
@@ -40,7 +40,7 @@ def passing(server: FakeUpstreamServer) -> UpstreamSettings:
 
 
 async def test_the_ping_challenges_anonymous_clients_and_welcomes_any_credentials(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
 ) -> None:
     client = await mirror(upstreams=(passing(fake_upstream),))
     ping = await client.get("/v2/")
@@ -53,7 +53,7 @@ async def test_the_ping_challenges_anonymous_clients_and_welcomes_any_credential
 
 
 async def test_without_pass_through_upstreams_the_ping_needs_nothing(
-    mirror: MirrorFactory,
+    mirror: StartMirror,
 ) -> None:
     client = await mirror()
     assert (await client.get("/v2/")).status == 200
@@ -61,7 +61,7 @@ async def test_without_pass_through_upstreams_the_ping_needs_nothing(
 
 
 async def test_a_token_from_the_mirror_carries_the_clients_credentials_upstream(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, private: tuple[Image, Image]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, private: tuple[Image, Image]
 ) -> None:
     secret, _ = private
     client = await mirror(upstreams=(passing(fake_upstream),))
@@ -94,7 +94,7 @@ async def test_a_token_from_the_mirror_carries_the_clients_credentials_upstream(
 
 
 async def test_anonymous_clients_pull_public_content_and_get_a_challenge_for_private(
-    mirror: MirrorFactory, fake_upstream: FakeUpstreamServer, private: tuple[Image, Image]
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, private: tuple[Image, Image]
 ) -> None:
     secret, public = private
     client = await mirror(upstreams=(passing(fake_upstream),))

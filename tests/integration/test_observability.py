@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
+from harness.mirror import StartMirror
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "registry-proxy.json"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -108,7 +108,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-async def exported_names(mirror: MirrorFactory, fake_upstream: FakeUpstreamServer) -> set[str]:
+async def exported_names(mirror: StartMirror, fake_upstream: FakeUpstreamServer) -> set[str]:
     """Every series name in the mirror's /metrics after a hit, a miss and an upstream error."""
     image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
     client = await mirror()

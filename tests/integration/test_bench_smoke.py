@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("cold_pull", "warm_pull", "herd", "manifest_hits", "large_blob", "memory", "wan")
 MIRRORS = ("ours", "distribution", "nginx")
 WAN_SCENARIOS = ("prefetch", "wan_cuts", "wan_parallel")

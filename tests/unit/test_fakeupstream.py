@@ -21,8 +21,8 @@ from fakeupstream import (
     FakeRegistry,
     FakeUpstreamServer,
     Gate,
-    digest_of,
 )
+from harness.digests import sha256_digest
 from multidict import CIMultiDict
 
 BLOB_2048 = bytes(range(256)) * 8
@@ -76,7 +76,7 @@ async def test_manifest_by_tag_is_served_byte_exact_with_digest_headers(
         body = await resp.read()
         assert resp.status == 200
         assert body == image.manifest_bytes
-        assert digest_of(body) == image.manifest_digest
+        assert sha256_digest(body) == image.manifest_digest
         assert resp.headers["Content-Type"] == OCI_MANIFEST
         assert resp.headers["Docker-Content-Digest"] == image.manifest_digest
         assert resp.headers["Content-Length"] == str(len(body))
@@ -139,7 +139,7 @@ async def test_unknown_names_manifests_and_blobs_get_oci_error_codes(
     cases = {
         f"{base}/unknown/manifests/v1": "NAME_UNKNOWN",
         f"{base}/known/manifests/v2": "MANIFEST_UNKNOWN",
-        f"{base}/known/blobs/{digest_of(b'missing')}": "BLOB_UNKNOWN",
+        f"{base}/known/blobs/{sha256_digest(b'missing')}": "BLOB_UNKNOWN",
         f"{base}/known/manifests/sha256:totallywrong": "DIGEST_INVALID",
     }
     for url, code in cases.items():
