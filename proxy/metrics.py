@@ -3,7 +3,7 @@
 Labels have bounded cardinality: route pattern, method (known ones, else `other`), status
 class, cache result, upstream name (configured ones by name, every registry mirrored on demand
 as `on-demand`), request kind. Never a path, a repository or a digest. The Grafana dashboard
-and the alert rules query exactly these names (`tests/test_observability.py` checks it).
+and the alert rules query exactly these names (`tests/unit/test_observability.py` checks it).
 """
 
 from __future__ import annotations
