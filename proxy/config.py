@@ -20,8 +20,8 @@ from typing import Any, Final
 
 from yarl import URL
 
-from proxy.access import AccessRule, read_htpasswd, read_tokens
-from proxy.references import ImageReference, InvalidReference
+from proxy.oci.references import ImageReference, InvalidReference
+from proxy.server.access import AccessRule, read_htpasswd, read_tokens
 
 DOCKER_HUB_URL: Final = "https://registry-1.docker.io"
 ENV_PREFIX: Final = "REGISTRY_PROXY_"

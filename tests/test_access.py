@@ -11,7 +11,7 @@ from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from yarl import URL
 
-from proxy.access import AccessRule
+from proxy.server.access import AccessRule
 from proxy.config import ConfigError, UpstreamSettings, load_settings
 
 

@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer, Gate
 
-from proxy import state
-from proxy.blobstore import BlobStore
+from proxy.server import keys as state
+from proxy.cache.store import BlobStore
 from proxy.oci import Digest
 
 Client = TestClient[web.Request, web.Application]

@@ -26,9 +26,9 @@ from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate, free_port
 
-from proxy import state
+from proxy.server import keys as state
 from proxy.metrics import REQUEST_BUCKETS
-from proxy.observability import JsonFormatter
+from proxy.ops.logging import JsonFormatter
 from proxy.oci import Digest
 
 Client = TestClient[web.Request, web.Application]

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.oci import MediaType, accepted_media_types, manifest_types
-from proxy.tags import Misses, Resolution, TagAnswers
+from proxy.cache.tags import Misses, Resolution, TagAnswers
 
 OCI_MANIFEST = MediaType.OCI_MANIFEST
 OCI_INDEX = MediaType.OCI_INDEX

@@ -19,7 +19,7 @@ from fakeupstream import (
 )
 from yarl import URL
 
-from proxy import state
+from proxy.server import keys as state
 from proxy.config import UpstreamSettings
 
 Client = TestClient[web.Request, web.Application]

@@ -21,11 +21,11 @@ from fakeupstream import FakeRegistry, FakeUpstreamServer, Image
 from rich.console import Console
 from yarl import URL
 
-from proxy import state
+from proxy.server import keys as state
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest
-from proxy.references import ImageReference, InvalidReference
-from proxy.warm import (
+from proxy.oci.references import ImageReference, InvalidReference
+from proxy.cli.warm import (
     ImageReport,
     Platform,
     binary_size,

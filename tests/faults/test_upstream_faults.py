@@ -25,7 +25,7 @@ from faults.support import (
     final_path,
     settle,
 )
-from proxy import state
+from proxy.server import keys as state
 from proxy.config import Secret, UpstreamSettings
 from proxy.oci import Digest
 

@@ -17,7 +17,7 @@ from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Image
 from yarl import URL
 
-from proxy.access import AccessRule
+from proxy.server.access import AccessRule
 from proxy.config import UpstreamSettings
 
 
