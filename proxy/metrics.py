@@ -48,10 +48,14 @@ class StoreFigures(Protocol):
 
 
 class _Stats(Protocol):
-    size: int
-    entries: int
-    reserved: int
-    budget: int
+    @property
+    def size(self) -> int: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def reserved(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
 
 
 class Metrics:

@@ -11,8 +11,7 @@ from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from yarl import URL
 
-from proxy.server.access import AccessRule
-from proxy.config import ConfigError, UpstreamSettings, load_settings
+from proxy.config import AccessRule, ConfigError, UpstreamSettings, load_settings
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -21,12 +21,12 @@ from fakeupstream import FakeUpstreamServer, Image, free_port
 from rich.console import Console
 from yarl import URL
 
-from proxy.server import keys as state
+from proxy.cli.warm import Platform, warm_images
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest
-from proxy.server.keys import PINS
 from proxy.oci.references import ImageReference
-from proxy.cli.warm import Platform, warm_images
+from proxy.server import keys as state
+from proxy.server.keys import PINS
 
 TOKEN = "s3cret-admin-token"
 TIMEOUT = 30

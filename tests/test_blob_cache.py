@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory
 from fakeupstream import FakeUpstreamServer, Gate
 
-from proxy.server import keys as state
 from proxy.cache.store import BlobStore
 from proxy.oci import Digest
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 

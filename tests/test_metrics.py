@@ -26,10 +26,10 @@ from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate, free_port
 
-from proxy.server import keys as state
 from proxy.metrics import REQUEST_BUCKETS
-from proxy.ops.logging import JsonFormatter
 from proxy.oci import Digest
+from proxy.ops.logging import JsonFormatter
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}

@@ -28,9 +28,9 @@ from fakeupstream import (
 )
 from yarl import URL
 
-from proxy.server import keys as state
-from proxy.config import UpstreamSettings
 from proxy.cli.warm import ACCEPT as WARM_ACCEPT
+from proxy.config import UpstreamSettings
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"

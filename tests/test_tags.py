@@ -19,8 +19,8 @@ from fakeupstream import (
 )
 from yarl import URL
 
-from proxy.server import keys as state
 from proxy.config import UpstreamSettings
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}

@@ -21,10 +21,6 @@ from fakeupstream import FakeRegistry, FakeUpstreamServer, Image
 from rich.console import Console
 from yarl import URL
 
-from proxy.server import keys as state
-from proxy.config import UpstreamSettings
-from proxy.oci import Digest
-from proxy.oci.references import ImageReference, InvalidReference
 from proxy.cli.warm import (
     ImageReport,
     Platform,
@@ -33,6 +29,10 @@ from proxy.cli.warm import (
     read_references,
     warm_images,
 )
+from proxy.config import UpstreamSettings
+from proxy.oci import Digest
+from proxy.oci.references import ImageReference, InvalidReference
+from proxy.server import keys as state
 
 Mirror = TestClient[web.Request, web.Application]
 AMD64 = frozenset({Platform("linux", "amd64")})

@@ -144,10 +144,10 @@ class Eviction:
         if excess > 0:
             return False
         for digest in victims:
-            entry = self.index.get(digest)
-            if entry is not None and self.evict(digest):
+            victim = self.index.get(digest)
+            if victim is not None and self.evict(digest):
                 self.evictions += 1
-                self.evicted_bytes += entry.size
+                self.evicted_bytes += victim.size
         return True
 
     def _read_elsewhere(self, digest: Digest, entry: Entry) -> bool:

@@ -26,7 +26,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -45,8 +45,15 @@ from rich.progress import (
 from rich.table import Table
 from yarl import URL
 
-from proxy.errors import RegistryError
-from proxy.oci import Digest, MediaType, manifest_media_type
+from proxy.errors import ErrorCode, RegistryError
+from proxy.oci import Descriptor, Digest, MediaType
+from proxy.oci.media import (
+    image_blobs,
+    index_children,
+    is_image_manifest,
+    is_index,
+    manifest_document,
+)
 from proxy.oci.references import ImageReference, InvalidReference
 
 DEFAULT_MIRROR: Final = "http://127.0.0.1:5000"
@@ -204,29 +211,26 @@ class Warmer:
         """Fetch the manifest (and platform manifests); returns every blob digest: its size."""
         body = await self._manifest(reference, str(reference.manifest_reference), reference.digest)
         report.manifests += 1
-        document = _json(body)
         blobs: dict[Digest, int] = {}
-        if manifest_media_type(body) not in MediaType.INDEXES:
+        if not is_index(body):
             report.platforms.append("single")
-            _add_blobs(document, blobs)
+            _add_blobs(body, blobs)
             return blobs
-        entries = [e for e in document.get("manifests", []) if isinstance(e, dict)]
+        entries = _walked(index_children, body)
         chosen = [
             entry
             for entry in entries
-            if self.platforms is None
-            or any(p.matches(entry.get("platform")) for p in self.platforms)
+            if self.platforms is None or any(p.matches(entry.platform) for p in self.platforms)
         ]
         if not chosen:
-            offered = ", ".join(sorted({_platform_of(e.get("platform")) for e in entries}))
+            offered = ", ".join(sorted({_platform_of(e.platform) for e in entries}))
             wanted = ", ".join(sorted(str(p) for p in self.platforms or ()))
             raise WarmFailure(f"no manifest for {wanted} (the index has {offered})")
         for entry in chosen:
-            digest = _digest(entry.get("digest"))
-            child = await self._manifest(reference, str(digest), digest)
+            child = await self._manifest(reference, str(entry.digest), entry.digest)
             report.manifests += 1
-            report.platforms.append(_platform_of(entry.get("platform")))
-            _add_blobs(_json(child), blobs)
+            report.platforms.append(_platform_of(entry.platform))
+            _add_blobs(child, blobs)
         return blobs
 
     async def _manifest(
@@ -292,31 +296,23 @@ class Warmer:
         return self.mirror.with_path(f"/v2/{reference.mirror_name}/{kind}/{ref}", encoded=True)
 
 
-def _json(body: bytes) -> dict[str, Any]:
+def _walked(walk: Callable[[dict[str, Any]], list[Descriptor]], body: bytes) -> list[Descriptor]:
+    """The descriptors `walk` finds in a manifest; a malformed one fails the image."""
     try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict):
-        raise WarmFailure("the manifest is not a JSON object")
-    return document
-
-
-def _digest(value: Any) -> Digest:
-    try:
-        return Digest.parse(str(value))
+        return walk(manifest_document(body))
     except RegistryError as exc:
-        raise WarmFailure(f"bad descriptor: {exc.message}") from None
+        raise WarmFailure(exc.message) from None
 
 
-def _add_blobs(manifest: dict[str, Any], blobs: dict[Digest, int]) -> None:
-    descriptors = [manifest.get("config"), *manifest.get("layers", [])]
-    if manifest.get("schemaVersion") != 2 or not isinstance(manifest.get("config"), dict):
-        raise WarmFailure("not an image manifest (schema 2 or OCI)")
-    for descriptor in descriptors:
-        if not isinstance(descriptor, dict) or not isinstance(descriptor.get("size"), int):
-            raise WarmFailure("a descriptor has no size")
-        blobs[_digest(descriptor.get("digest"))] = descriptor["size"]
+def _add_blobs(body: bytes, blobs: dict[Digest, int]) -> None:
+    def blobs_of(document: dict[str, Any]) -> list[Descriptor]:
+        if not is_image_manifest(document):
+            raise RegistryError(
+                ErrorCode.MANIFEST_INVALID, "not an image manifest (schema 2 or OCI)"
+            )
+        return image_blobs(document)
+
+    blobs.update((blob.digest, blob.size) for blob in _walked(blobs_of, body))
 
 
 async def _http_error(response: aiohttp.ClientResponse) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import fnmatch
 import hashlib
 import hmac
 import logging
@@ -36,12 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import bcrypt
 
+from proxy.config import AccessRule, read_htpasswd, read_tokens
 from proxy.errors import ErrorCode, RegistryError
 
 log = logging.getLogger(__name__)
@@ -59,18 +58,6 @@ CHECK_THREADS: Final = 2
 FAILURES_PER_USER: Final = 10
 FAILURES_PER_SOURCE: Final = 30
 FAILURE_WINDOW: Final = 60.0
-
-
-@dataclass(frozen=True)
-class AccessRule:
-    identities: tuple[str, ...]  # user or token names; "*" is any authenticated identity
-    allow: tuple[str, ...]  # globs over "<upstream>/<repository>"
-
-    def applies_to(self, identity: str) -> bool:
-        return "*" in self.identities or identity in self.identities
-
-    def allows(self, resource: str) -> bool:
-        return any(fnmatch.fnmatchcase(resource, pattern) for pattern in self.allow)
 
 
 class FailureLimit:
@@ -247,30 +234,3 @@ def _dummy_hash(hashes: Iterable[bytes]) -> bytes:
     if not costs:
         return b""
     return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=max(costs)))
-
-
-def read_htpasswd(path: Path) -> dict[str, bytes]:
-    users = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, hashed = line.partition(":")
-        if not sep or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ValueError(f"{path}:{number}: only bcrypt entries are supported (htpasswd -B)")
-        users[user] = hashed.encode()
-    return users
-
-
-def read_tokens(path: Path) -> dict[str, str]:
-    """`name token` per line; the name is what logs and allow-lists call the client."""
-    tokens = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, token = line.partition(" ")
-        if not token.strip():
-            raise ValueError(f"{path}:{number}: expected 'name token'")
-        tokens[token.strip()] = name
-    return tokens

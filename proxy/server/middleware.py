@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.errors import ErrorCode, RegistryError
 from proxy.oci import CacheResult
@@ -26,8 +27,9 @@ OPERATOR_ROUTES: Final = frozenset({"metrics", "healthz", "readyz"})
 # is `other`, so clients cannot add series at will.
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+__all__ = ["Handler", "Middleware", "error_response", "observe", "render_errors"]
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 CACHE_RESULTS: Final = frozenset(CacheResult)
 
 

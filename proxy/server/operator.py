@@ -74,9 +74,6 @@ def add_operator_routes(app: web.Application, *, metrics: bool = True) -> None:
         app.router.add_get("/metrics", metrics_endpoint)
 
 
-OPERATOR_KEYS = (keys.SETTINGS, keys.METRICS, keys.STORE, keys.UPSTREAMS, keys.HEALTH)
-
-
 @contextlib.asynccontextmanager
 async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
     """With `metrics_listen`, a second small app serves /metrics, /healthz and /readyz."""
@@ -85,8 +82,11 @@ async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     operator = web.Application()
-    for key in OPERATOR_KEYS:
-        operator[key] = app[key]  # type: ignore[index]
+    operator[keys.SETTINGS] = app[keys.SETTINGS]
+    operator[keys.METRICS] = app[keys.METRICS]
+    operator[keys.STORE] = app[keys.STORE]
+    operator[keys.UPSTREAMS] = app[keys.UPSTREAMS]
+    operator[keys.HEALTH] = app[keys.HEALTH]
     add_operator_routes(operator)
     runner = MirrorRunner(operator, access_log=None)
     await runner.setup()

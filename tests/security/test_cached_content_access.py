@@ -17,8 +17,7 @@ from conftest import MirrorFactory
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Image
 from yarl import URL
 
-from proxy.server.access import AccessRule
-from proxy.config import UpstreamSettings
+from proxy.config import AccessRule, UpstreamSettings
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -12,9 +12,9 @@ from fakeupstream import FakeUpstreamServer
 from yarl import URL
 
 from proxy import cli
-from proxy.server import keys as state
 from proxy.config import ConfigError, Settings, UpstreamSettings, load_settings
 from proxy.errors import RegistryError
+from proxy.server import keys as state
 from proxy.upstream.routing import DYNAMIC_IDLE, MAX_DYNAMIC_UPSTREAMS, Upstreams
 
 
