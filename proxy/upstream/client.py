@@ -14,16 +14,13 @@ import copy
 import hashlib
 import json
 import logging
-import re
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
@@ -37,12 +34,13 @@ from proxy.errors import (
 )
 from proxy.metrics import Metrics
 from proxy.oci import Digest, MediaType, Reference, Repository, dockerhub
+from proxy.upstream.auth import DEFAULT_TOKEN_LIFETIME, Challenge, TokenTable
+from proxy.upstream.bodies import BlobStream, Manifest, ManifestHead, verify_manifest
+from proxy.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS: Final = 5
-# Docker Hub documents a 60 s lifetime when the token response has no expires_in.
-DEFAULT_TOKEN_LIFETIME: Final = 60.0
 READ_BUFFER: Final = 4 * 1024 * 1024
 # Documents read whole are capped, so an upstream cannot make the mirror buffer without bound.
 # Registries should accept manifests of at least 4 MiB (OCI distribution spec 1.1, "Pushing
@@ -51,158 +49,6 @@ READ_BUFFER: Final = 4 * 1024 * 1024
 DEFAULT_MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 MAX_TAG_LIST_SIZE: Final = 16 * 1024 * 1024
 MAX_TOKEN_RESPONSE_SIZE: Final = 1024 * 1024
-# Tokens are cached per scope, i.e. per repository name a client chooses: the table is pruned
-# of expired tokens and capped, least recently used first out.
-MAX_CACHED_TOKENS: Final = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A manifest as the upstream sent it: the bytes are never re-encoded."""
-
-    body: bytes
-    media_type: str
-    digest: Digest
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestHead:
-    media_type: str
-    digest: Digest
-    size: int
-
-
-class BlobStream:
-    """An open upstream blob body; `size` is the whole blob's size when the upstream said it."""
-
-    def __init__(
-        self,
-        upstream: str,
-        response: aiohttp.ClientResponse,
-        offset: int,
-        metrics: Metrics | None = None,
-        slots: list[asyncio.Semaphore] | None = None,
-        label: str | None = None,
-    ) -> None:
-        self._upstream = upstream
-        self._response = response
-        self._slots = slots or []
-        self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
-        self.offset = offset
-        self.size = _total_size(response, offset)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            # Whatever has arrived: small pieces on a slow link (followers get bytes at once),
-            # large ones on a fast link (less per-chunk work); `read_bufsize` caps them.
-            async for chunk in self._response.content.iter_any():
-                if self._fetched is not None:
-                    self._fetched.inc(len(chunk))
-                yield chunk
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(self._upstream, "timed out sending a blob") from exc
-        except aiohttp.ClientError as exc:
-            log.warning("upstream %s: blob transfer broke: %s", self._upstream, exc)
-            raise UpstreamUnavailable(self._upstream, "blob transfer broke") from exc
-
-    def close(self) -> None:
-        self._response.close()
-        slots, self._slots = self._slots, []
-        for held in slots:
-            held.release()
-
-
-def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
-    if response.status == HTTPStatus.PARTIAL_CONTENT:
-        content_range = response.headers.get("Content-Range", "")
-        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
-        return int(match.group(3)) if match else None
-    return response.content_length
-
-
-# auth-param = token BWS "=" BWS ( token / quoted-string ), RFC 9110 section 11.2
-_AUTH_PARAM: Final = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-
-
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    scheme: str
-    params: Mapping[str, str]
-
-    @classmethod
-    def parse(cls, header: str) -> Challenge | None:
-        scheme, _, rest = header.strip().partition(" ")
-        if not scheme:
-            return None
-        params = {
-            m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-            for m in _AUTH_PARAM.finditer(rest)
-        }
-        return cls(scheme.lower(), params)
-
-
-class CircuitBreaker:
-    """Stops sending to an upstream that keeps failing, so 300 clients do not each wait out
-    a connect timeout. After `cooldown` one request may try again (half-open); its failure
-    reopens the circuit at once, its success closes it.
-    """
-
-    def __init__(self, failures: int, cooldown: float) -> None:
-        self.threshold = failures
-        self.cooldown = cooldown
-        self.failures = 0
-        self.open_until = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        return self.failures >= self.threshold and time.monotonic() < self.open_until
-
-    def success(self) -> None:
-        self.failures = 0
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = time.monotonic() + self.cooldown
-
-
-@dataclass(slots=True)
-class _Token:
-    value: str
-    expires: float
-
-
-class TokenTable:
-    """Bearer tokens by (credentials, scope): expired ones are dropped, and beyond `capacity`
-    the least recently used go first, so clients inventing repository names cannot grow it."""
-
-    def __init__(self, capacity: int = MAX_CACHED_TOKENS) -> None:
-        self.capacity = capacity
-        self._tokens: OrderedDict[str, _Token] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def get(self, key: str, now: float) -> str | None:
-        token = self._tokens.get(key)
-        if token is None:
-            return None
-        if token.expires <= now:
-            del self._tokens[key]
-            return None
-        self._tokens.move_to_end(key)
-        return token.value
-
-    def put(self, key: str, value: str, expires: float, now: float) -> None:
-        self._tokens[key] = _Token(value, expires)
-        self._tokens.move_to_end(key)
-        if len(self._tokens) <= self.capacity:
-            return
-        # Full: first whatever has expired (one pass, only when full), then the least recent.
-        for stale in [k for k, t in self._tokens.items() if t.expires <= now]:
-            del self._tokens[stale]
-        while len(self._tokens) > self.capacity:
-            self._tokens.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -302,7 +148,7 @@ class Upstream:
         )
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         try:
-            digest = _verify_manifest(self.name, body, reference, response.headers)
+            digest = verify_manifest(self.name, body, reference, response.headers)
         except UpstreamUnavailable:
             self._count_error("manifest", "digest_mismatch")
             raise
@@ -687,19 +533,3 @@ def _with_auth(headers: Mapping[str, str], authorization: str | None) -> dict[st
     if authorization is not None:
         result["Authorization"] = authorization
     return result
-
-
-def _verify_manifest(
-    upstream: str, body: bytes, reference: Reference, headers: CIMultiDictProxy[str]
-) -> Digest:
-    """The manifest's digest, checked against the reference and the upstream's claim."""
-    expected: Digest | None = reference if isinstance(reference, Digest) else None
-    if expected is None and (claimed := headers.get("Docker-Content-Digest")):
-        try:
-            expected = Digest.parse(claimed)
-        except RegistryError:
-            expected = None
-    actual = Digest.of(body, expected.algorithm if expected else "sha256")
-    if expected is not None and actual != expected:
-        raise UpstreamUnavailable(upstream, f"manifest digest mismatch: got {actual}")
-    return actual

@@ -19,7 +19,8 @@ from yarl import URL
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import ErrorCode, RegistryError
 from proxy.metrics import Metrics
-from proxy.upstream.client import CircuitBreaker, Upstream
+from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.client import Upstream
 from proxy.upstream.egress import ANY_ADDRESS, Egress, is_public_registry_name
 
 # A registry host as containerd names it: DNS labels, optionally a port.
