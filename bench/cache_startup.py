@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.blobstore import BlobStore
+from proxy.cache.store import BlobStore
 
 
 def populate(root: Path, count: int) -> None:

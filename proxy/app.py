@@ -1,58 +1,55 @@
-"""The aiohttp application: wiring, lifecycle and the one place errors are rendered."""
+"""The composition root: builds every service from the settings, wires them into one aiohttp
+application, and opens and closes them in order. The only module that knows them all.
+
+    settings -> upstreams (proxy.upstream) -> store, tags, manifests (proxy.cache)
+             -> blob service, access, guard (proxy.server) -> routes and middleware
+    with several workers, the sharding layer (proxy.workers.sharding) wraps the store, the blob
+    service and the observe middleware; nothing below it knows.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import admin, observability, passthrough, routes, state
-from proxy.access import AccessControl
-from proxy.blobs import BlobService
-from proxy.blobstore import BlobStore
+from proxy.cache.manifests import ManifestService
+from proxy.cache.pins import PinResolver
+from proxy.cache.provenance import Provenance
+from proxy.cache.store import BlobStore
+from proxy.cache.tags import TagCache
 from proxy.config import Settings
-from proxy.manifests import ManifestService
-from proxy.metrics import HealthMonitor, Metrics
-from proxy.oci import ErrorCode, RegistryError
-from proxy.passthrough import UpstreamAccessCheck
-from proxy.provenance import Provenance, ProvenanceGuard
-from proxy.routing import Upstreams
-from proxy.server import MirrorRunner
-from proxy.tags import TagCache
-from proxy.workers import SINGLE, OwnerRelay, Worker, relay_lifecycle
+from proxy.metrics import Metrics
+from proxy.ops import admin
+from proxy.server import keys, operator, passthrough, routes
+from proxy.server.access import AccessControl
+from proxy.server.blobs import BlobService, BlobServing
+from proxy.server.guard import ProvenanceGuard
+from proxy.server.health import HealthMonitor
+from proxy.server.middleware import Middleware, observe, render_errors
+from proxy.server.passthrough import UpstreamAccessCheck
+from proxy.server.traffic import RepositoryTraffic
+from proxy.upstream.routing import Upstreams
+from proxy.workers.sharding import (
+    OwnerRelay,
+    ShardedBlobService,
+    ShardedStore,
+    relay_lifecycle,
+    unless_relayed,
+    worker_metrics,
+)
+from proxy.workers.supervisor import SINGLE, Worker
 
-log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class _Sharding:
+    """What running as one of several workers adds, around the single-process pieces."""
 
-def error_response(error: RegistryError) -> web.Response:
-    return web.Response(
-        status=error.status,
-        body=error.body(),
-        content_type="application/json",
-        headers=error.headers,
-    )
-
-
-@web.middleware
-async def render_errors(request: web.Request, handler: routes.Handler) -> web.StreamResponse:
-    """Render every failure as an OCI error body; a traceback only ever reaches the log."""
-    try:
-        return await handler(request)
-    except RegistryError as error:
-        if error.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, error.message)
-        return error_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = ErrorCode.UNSUPPORTED if exc.status == 405 else ErrorCode.NAME_UNKNOWN
-        return error_response(RegistryError(code, exc.reason, status=exc.status))
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error"))
+    relay: OwnerRelay | None
+    observe: Middleware
 
 
 def create_app(
@@ -61,100 +58,113 @@ def create_app(
     upstreams: Upstreams | None = None,
     store: BlobStore | None = None,
     tags: TagCache | None = None,
+    blobs: BlobServing | None = None,
     metrics: Metrics | None = None,
     worker: Worker = SINGLE,
 ) -> web.Application:
-    """The mirror; tests inject their own upstreams, store, tag cache or metrics registry.
+    """The mirror; tests inject their own upstreams, store, tag cache, blob service or metrics.
 
     `worker` says which of several worker processes this is (see `proxy.workers`): each owns
     a share of the blobs and of the budget, and the first also runs the admin and metrics
     listeners.
     """
-    app = web.Application(middlewares=[observability.observe, render_errors])
     several = worker.count > 1
-    metrics = metrics or Metrics(multiprocess_dir=worker.metrics_dir if several else None)
+    metrics = metrics or (worker_metrics(worker) if several else Metrics())
     upstreams = upstreams or Upstreams(settings, metrics=metrics)
-    store = store or BlobStore(
-        settings.cache_dir,
-        settings.cache_max_size // worker.count,
-        download_timeout=settings.download_timeout,
-        shard=(worker.index, worker.count),
-    )
-    relay = OwnerRelay(worker, tls=settings.tls_cert is not None) if several else None
+    store = store or _store(settings, worker)
     tags = tags or TagCache.from_settings(settings)
-    app[state.SETTINGS] = settings
-    app[state.UPSTREAMS] = upstreams
-    app[state.STORE] = store
-    app[state.TAGS] = tags
-    app[state.METRICS] = metrics
-    app[state.ACCESS] = AccessControl.from_files(
-        settings.auth_htpasswd, settings.auth_tokens_file, settings.access
+    service = BlobService(store, metrics, settings.send_timeout)
+    relay = None
+    if blobs is None and isinstance(store, ShardedStore):
+        relay = OwnerRelay(worker, tls=settings.tls_cert is not None)
+        blobs = ShardedBlobService(service, store, relay)
+    app = web.Application(
+        middlewares=[unless_relayed(observe) if several else observe, render_errors]
     )
-    provenance = Provenance(settings.cache_dir)
-    passing = frozenset(u.name for u in settings.upstreams if u.pass_client_credentials)
-    app[state.GUARD] = ProvenanceGuard(provenance, app[state.ACCESS], passing)
-    app[state.PASSTHROUGH] = UpstreamAccessCheck(provenance)
-    app[state.HEALTH] = HealthMonitor(metrics, store.temp_dir)
-    app[state.BLOBS] = BlobService(store, metrics, settings.send_timeout, relay)
-    metrics.watch_store(store)
-    app[state.MANIFESTS] = ManifestService(store, tags, settings)
-    admin.install(app)
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await store.open()
-        await asyncio.to_thread(provenance.open)
-        async with contextlib.AsyncExitStack() as running:
-            await running.enter_async_context(app[state.HEALTH].running())
-            # One admin and one metrics listener, not one per worker.
-            if worker.index == 0:
-                await running.enter_async_context(_metrics_listener(app))
-            await running.enter_async_context(admin.running(app, listen=worker.index == 0))
-            if relay is not None:
-                await running.enter_async_context(relay_lifecycle(relay))
-            yield
-        await app[state.MANIFESTS].close()
-        await store.close()
-        app[state.ACCESS].close()
-        provenance.close()
-        await upstreams.close()
-        await tags.close()
-
-    app.cleanup_ctx.append(lifecycle)
+    _provide(app, settings, upstreams, store, tags, blobs or service, metrics)
+    app.cleanup_ctx.append(_lifecycle(worker, relay))
     app.on_response_prepare.append(routes.add_protocol_headers)
     # With a separate metrics address, /metrics is served there only.
-    _add_operator_routes(app, metrics=settings.metrics_listen is None)
-    if passing:
+    operator.add_operator_routes(app, metrics=settings.metrics_listen is None)
+    if app[keys.GUARD].passing:
         app.router.add_route("*", passthrough.TOKEN_PATH, passthrough.token_endpoint)
     app.router.add_route("*", "/v2", routes.registry_api)
     app.router.add_route("*", "/v2/{tail:.*}", routes.registry_api)
     return app
 
 
-def _add_operator_routes(app: web.Application, *, metrics: bool = True) -> None:
-    app.router.add_get("/healthz", observability.healthz)
-    app.router.add_get("/readyz", observability.readyz)
-    if metrics:
-        app.router.add_get("/metrics", observability.metrics_endpoint)
+def _store(settings: Settings, worker: Worker) -> BlobStore:
+    if worker.count > 1:
+        return ShardedStore(
+            settings.cache_dir,
+            settings.cache_max_size,
+            worker,
+            download_timeout=settings.download_timeout,
+        )
+    return BlobStore(
+        settings.cache_dir, settings.cache_max_size, download_timeout=settings.download_timeout
+    )
 
 
-@contextlib.asynccontextmanager
-async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
-    """With `metrics_listen`, a second small app serves /metrics, /healthz and /readyz."""
-    address = app[state.SETTINGS].metrics_listen
-    if address is None:
-        yield
-        return
-    operator = web.Application()
-    operator[state.SETTINGS] = app[state.SETTINGS]
-    operator[state.METRICS] = app[state.METRICS]
-    operator[state.STORE] = app[state.STORE]
-    operator[state.UPSTREAMS] = app[state.UPSTREAMS]
-    operator[state.HEALTH] = app[state.HEALTH]
-    _add_operator_routes(operator)
-    runner = MirrorRunner(operator, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, address[0], address[1]).start()
-    try:
-        yield
-    finally:
-        await runner.cleanup()
+def _provide(
+    app: web.Application,
+    settings: Settings,
+    upstreams: Upstreams,
+    store: BlobStore,
+    tags: TagCache,
+    blobs: BlobServing,
+    metrics: Metrics,
+) -> None:
+    """Every service, under its key (`proxy.server.keys`)."""
+    access = AccessControl.from_files(
+        settings.auth_htpasswd, settings.auth_tokens_file, settings.access
+    )
+    provenance = Provenance(settings.cache_dir)
+    passing = frozenset(u.name for u in settings.upstreams if u.pass_client_credentials)
+    manifests = ManifestService(store, tags, settings)
+    app[keys.SETTINGS] = settings
+    app[keys.UPSTREAMS] = upstreams
+    app[keys.STORE] = store
+    app[keys.TAGS] = tags
+    app[keys.METRICS] = metrics
+    app[keys.ACCESS] = access
+    app[keys.PROVENANCE] = provenance
+    app[keys.GUARD] = ProvenanceGuard(provenance, access, passing)
+    app[keys.PASSTHROUGH] = UpstreamAccessCheck(provenance)
+    app[keys.HEALTH] = HealthMonitor(metrics, store.temp_dir)
+    app[keys.BLOBS] = blobs
+    app[keys.MANIFESTS] = manifests
+    app[keys.PINS] = PinResolver(
+        store, manifests, upstreams, settings.pins, refresh=settings.pin_refresh
+    )
+    app[keys.TRAFFIC] = RepositoryTraffic()
+    metrics.watch_store(store)
+
+
+def _lifecycle(
+    worker: Worker, relay: OwnerRelay | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        """Open in order, close in reverse; one admin and one metrics listener, not one per
+        worker."""
+        store = app[keys.STORE]
+        await store.open()
+        await asyncio.to_thread(app[keys.PROVENANCE].open)
+        async with contextlib.AsyncExitStack() as running:
+            await running.enter_async_context(app[keys.HEALTH].running())
+            if worker.index == 0:
+                await running.enter_async_context(operator.metrics_listener(app))
+            await running.enter_async_context(app[keys.PINS].running())
+            if worker.index == 0:
+                await running.enter_async_context(admin.listening(app))
+            if relay is not None:
+                await running.enter_async_context(relay_lifecycle(relay))
+            yield
+        await app[keys.MANIFESTS].close()
+        await store.close()
+        app[keys.ACCESS].close()
+        app[keys.PROVENANCE].close()
+        await app[keys.UPSTREAMS].close()
+        await app[keys.TAGS].close()
+
+    return lifecycle

@@ -7,6 +7,7 @@ prints as one line.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import math
 import os
@@ -20,10 +21,10 @@ from typing import Any, Final
 
 from yarl import URL
 
-from proxy.access import AccessRule, read_htpasswd, read_tokens
-from proxy.references import ImageReference, InvalidReference
+from proxy.oci import dockerhub
+from proxy.oci.references import ImageReference, InvalidReference
 
-DOCKER_HUB_URL: Final = "https://registry-1.docker.io"
+DOCKER_HUB_URL: Final = dockerhub.API_URL
 ENV_PREFIX: Final = "REGISTRY_PROXY_"
 
 
@@ -77,6 +78,18 @@ DEFAULT_TAG_TTLS: Final = (
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    identities: tuple[str, ...]  # user or token names; "*" is any authenticated identity
+    allow: tuple[str, ...]  # globs over "<upstream>/<repository>"
+
+    def applies_to(self, identity: str) -> bool:
+        return "*" in self.identities or identity in self.identities
+
+    def allows(self, resource: str) -> bool:
+        return any(fnmatch.fnmatchcase(resource, pattern) for pattern in self.allow)
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     name: str  # the registry host clients know it by: docker.io, ghcr.io, ...
     url: URL
@@ -94,7 +107,7 @@ class UpstreamSettings:
 
     @property
     def is_docker_hub(self) -> bool:
-        return self.name == "docker.io"
+        return self.name == dockerhub.DOCKER_HUB
 
 
 @dataclass(frozen=True)
@@ -232,8 +245,8 @@ def is_loopback(host: str) -> bool:
 def registry_name(url: URL) -> str:
     """The name clients use for a registry: Docker Hub's API host is known as docker.io."""
     host = url.host or ""
-    if host in ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com"):
-        return "docker.io"
+    if host in dockerhub.HOSTS:
+        return dockerhub.DOCKER_HUB
     return host if url.is_default_port() else f"{host}:{url.port}"
 
 
@@ -581,3 +594,30 @@ def _host_list(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(h, str) and h for h in value):
         raise ConfigError(where, "expected a list of host names")
     return tuple(host.lower() for host in value)
+
+
+def read_htpasswd(path: Path) -> dict[str, bytes]:
+    users = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise ValueError(f"{path}:{number}: only bcrypt entries are supported (htpasswd -B)")
+        users[user] = hashed.encode()
+    return users
+
+
+def read_tokens(path: Path) -> dict[str, str]:
+    """`name token` per line; the name is what logs and allow-lists call the client."""
+    tokens = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, token = line.partition(" ")
+        if not token.strip():
+            raise ValueError(f"{path}:{number}: expected 'name token'")
+        tokens[token.strip()] = name
+    return tokens

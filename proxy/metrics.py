@@ -8,21 +8,14 @@ and the alert rules query exactly these names (`tests/unit/test_observability.py
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import os
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-
-from proxy.blobstore import BlobStore
 
 PREFIX: Final = "registry_proxy"
 ABORT_CAUSES: Final = ("client", "upstream", "mirror")
@@ -39,18 +32,44 @@ UPSTREAM_BUCKETS: Final = (
 )  # fmt: skip
 
 
+class StoreFigures(Protocol):
+    """What the metrics read from the blob store (`proxy.cache.store.BlobStore`)."""
+
+    @property
+    def downloads_in_flight(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def evicted_bytes(self) -> int: ...
+    @property
+    def digest_mismatches(self) -> int: ...
+
+    def stats(self) -> _Stats: ...
+
+
+class _Stats(Protocol):
+    @property
+    def size(self) -> int: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def reserved(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
+
+
 class Metrics:
-    """With `multiprocess_dir`, every worker writes its values there (prometheus-client's
-    multiprocess mode) and `/metrics` on any worker shows the sum over all of them."""
+    """Every metric, on an injectable registry.
+
+    With `merged_from`, a scrape reads the values every process wrote to that directory
+    (prometheus-client's multiprocess mode, which the caller switches on before any metric
+    exists: `proxy.workers.sharding.worker_metrics`); this class has no process-wide effect.
+    """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+        self, registry: CollectorRegistry | None = None, *, merged_from: Path | None = None
     ) -> None:
-        self.multiprocess_dir = multiprocess_dir
-        if multiprocess_dir is not None:
-            # Chosen per process, after the fork: values go to mmap files the scrape merges.
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiprocess_dir)
-            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        self.merged_from = merged_from
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
@@ -117,10 +136,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        self._store: BlobStore | None = None
+        self._store: StoreFigures | None = None
         self._store_gauges: dict[str, Gauge] = {}
         self._store_counters: dict[str, tuple[Counter, int]] = {}
-        if multiprocess_dir is None:
+        if merged_from is None:
             ProcessCollector(registry=r)  # per process; meaningless summed over workers
         # Series exist from the start, so the first burst after a restart is a rate, not a jump
         # from nothing, and "none yet" reads 0 rather than "no data".
@@ -134,13 +153,12 @@ class Metrics:
         for result in ("hit", "miss", "coalesced"):
             self.blob_first_byte.labels(result)
 
-    def watch_store(self, store: BlobStore) -> None:
-        if self.multiprocess_dir is None:
-            self.registry.register(_StoreCollector(store))
-            return
-        # Workers each hold a share of the cache: their gauges add up (livesum), and their
-        # counters are advanced from the store's own totals on every health tick and scrape.
+    def watch_store(self, store: StoreFigures) -> None:
+        """Export the store's figures. Workers each hold a share of the cache: their gauges add
+        up (livesum), and counters are advanced from the store's own totals at every scrape
+        and health tick; `_SyncFirst` makes a scrape of this registry read current values."""
         self._store = store
+        self.registry.register(_SyncFirst(self))
         for name, help_text in _STORE_GAUGES.items():
             self._store_gauges[name] = Gauge(
                 f"{PREFIX}_{name}", help_text, registry=self.registry, multiprocess_mode="livesum"
@@ -178,10 +196,10 @@ class Metrics:
     def exposition(self) -> CollectorRegistry:
         """The registry a scrape reads: this process's, or every worker's merged."""
         self.sync_store()
-        if self.multiprocess_dir is None:
+        if self.merged_from is None:
             return self.registry
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(merged, path=str(self.merged_from))  # type: ignore[no-untyped-call]
         return merged
 
 
@@ -199,119 +217,13 @@ _STORE_COUNTERS: Final = {
 }
 
 
-class _StoreCollector(Collector):
-    """Reads the cache's own counters at scrape time, so the store needs no metrics code."""
+class _SyncFirst(Collector):
+    """Registered before the store's gauges, so a scrape of this registry brings them up to
+    date before it reads them; it exports nothing itself."""
 
-    def __init__(self, store: BlobStore) -> None:
-        self.store = store
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.store.stats()
-        yield GaugeMetricFamily(
-            f"{PREFIX}_cache_size_bytes", "Bytes of complete blobs in the cache.", stats.size
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_cache_reserved_bytes",
-            "Bytes reserved by downloads in flight (they count against the budget).",
-            stats.reserved,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_cache_budget_bytes", "The cache's byte budget.", stats.budget
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_cache_entries", "Blobs and manifests in the cache.", stats.entries
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_downloads_in_flight",
-            "Upstream blob downloads into the cache in progress.",
-            self.store.downloads_in_flight,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_cache_evictions", "Blobs evicted to make room.", self.store.evictions
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_cache_evicted_bytes",
-            "Bytes evicted to make room.",
-            self.store.evicted_bytes,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_digest_mismatches",
-            "Upstream bodies that did not match their digest (discarded, never served).",
-            self.store.digest_mismatches,
-        )
-
-
-# The event loop counts as stuck (not ready) when a 1 s timer fires this late.
-MAX_LOOP_LAG: Final = 2.0
-# How long an upstream probe's answer stands for /readyz.
-UPSTREAM_PROBE_INTERVAL: Final = 10.0
-
-
-class HealthMonitor:
-    """Keeps readiness current without waiting for a probe: how late a 1 s timer fires (a
-    stuck event loop) and, every few ticks, whether the cache directory takes a write."""
-
-    def __init__(
-        self, metrics: Metrics, cache_dir: Path, interval: float = 1.0, cache_every: int = 5
-    ) -> None:
-        self.interval = interval
-        self.cache_dir = cache_dir
-        self.cache_every = cache_every
-        self.lag = 0.0
-        self.cache = "unchecked"
-        self._metrics = metrics
-        self._probed: asyncio.Future[dict[str, str]] | None = None
-        self._probed_until = 0.0
-
-    @property
-    def ready(self) -> bool:
-        return self.lag < MAX_LOOP_LAG and self.cache == "ok"
-
-    async def check_upstreams(
-        self, probe: Callable[[], Awaitable[dict[str, str]]]
-    ) -> dict[str, str]:
-        """`probe`'s answer, run at most once per `UPSTREAM_PROBE_INTERVAL` however many ask
-        (`/readyz?upstream=1` is open to every client), and once for concurrent askers."""
-        loop = asyncio.get_running_loop()
-        if self._probed is None or loop.time() >= self._probed_until:
-            self._probed = asyncio.ensure_future(probe())
-            self._probed_until = loop.time() + UPSTREAM_PROBE_INTERVAL
-        return dict(await asyncio.shield(self._probed))
-
-    async def check_cache(self) -> str:
-        self.cache = await asyncio.to_thread(cache_writable, self.cache_dir)
-        self._metrics.ready.set(1 if self.ready else 0)
-        return self.cache
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for tick in itertools.count():
-            if tick % self.cache_every == 0:
-                await self.check_cache()
-            expected = loop.time() + self.interval
-            await asyncio.sleep(self.interval)
-            self.lag = max(0.0, loop.time() - expected)
-            self._metrics.loop_lag.set(self.lag)
-            self._metrics.sync_store()
-            self._metrics.ready.set(1 if self.ready else 0)
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def cache_writable(directory: Path) -> str:
-    # A unique name each time: a probe and the periodic check may run at once.
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".ready-") as probe:
-            probe.write(b"ok")
-            probe.flush()
-    except OSError as exc:
-        return f"not writable: {exc.strerror}"
-    return "ok"
+        self.metrics.sync_store()
+        return iter(())

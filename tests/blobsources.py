@@ -7,7 +7,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 
-from proxy.blobstore import BlobSource
+from proxy.cache.download import BlobSource
 from proxy.oci import Digest
 
 

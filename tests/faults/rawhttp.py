@@ -19,7 +19,7 @@ from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
-from proxy.server import MirrorRunner
+from proxy.server.runner import MirrorRunner
 
 API_VERSION = "Docker-Distribution-API-Version"
 

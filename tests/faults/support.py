@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import state
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 REPOSITORY: Final = "team/app"  # the repository the fault cases pull from

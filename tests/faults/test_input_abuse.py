@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from faults.rawhttp import RawResponse, ThreadedMirror, build_request, send_raw
 from faults.support import audit_cache, oci_error_code
-from proxy.server import MALFORMED_LINES_PER_WINDOW, MalformedRequestLog
+from proxy.server.runner import MALFORMED_LINES_PER_WINDOW, MalformedRequestLog
 
 REPOSITORY: Final = "team/app"
 # Fixed bytes, not os.urandom: a failing example replays against the same content.

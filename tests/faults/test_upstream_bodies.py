@@ -16,8 +16,9 @@ from fakeupstream import OCI_INDEX, FakeUpstreamServer, HugeBody, Image
 from harness.mirror import StartMirror
 
 from faults.support import REPOSITORY, Outcome, fetch, oci_error_code
-from proxy import state
-from proxy.upstream import DEFAULT_MAX_MANIFEST_SIZE, MAX_TAG_LIST_SIZE, TokenTable
+from proxy.server import keys as state
+from proxy.upstream.auth import TokenTable
+from proxy.upstream.client import DEFAULT_MAX_MANIFEST_SIZE, MAX_TAG_LIST_SIZE
 
 MiB = 1024 * 1024
 # Far more than the cap plus every buffer on the way (kernel socket buffers on loopback, aiohttp's

@@ -25,9 +25,9 @@ from faults.support import (
     final_path,
     settle,
 )
-from proxy import state
 from proxy.config import Secret, UpstreamSettings
 from proxy.oci import Digest
+from proxy.server import keys as state
 
 
 def blob_url(digest: str) -> str:

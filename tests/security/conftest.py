@@ -31,8 +31,8 @@ from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
-from proxy.egress import Egress, PublicAddresses
-from proxy.routing import Upstreams
+from proxy.upstream.egress import Egress, PublicAddresses
+from proxy.upstream.routing import Upstreams
 
 SECRET = b"internal-secret-9f2c"
 TEST_NAMES = ("hostile.test", "metadata.test", "internal.test")

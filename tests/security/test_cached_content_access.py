@@ -17,8 +17,7 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Image
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.access import AccessRule
-from proxy.config import UpstreamSettings
+from proxy.config import AccessRule, UpstreamSettings
 
 
 def basic(user: str, password: str) -> dict[str, str]:

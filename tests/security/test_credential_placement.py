@@ -18,7 +18,7 @@ from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.config import ConfigError, Secret, UpstreamSettings, load_settings
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 
 def test_htpasswd_with_pass_through_credentials_is_refused_at_start_up(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ from fakeupstream import FakeUpstreamServer
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy import cli, state
+from proxy import cli
 from proxy.config import ConfigError, Settings, UpstreamSettings, load_settings
-from proxy.oci import RegistryError
-from proxy.routing import DYNAMIC_IDLE, MAX_DYNAMIC_UPSTREAMS, Upstreams
+from proxy.errors import RegistryError
+from proxy.server import keys as state
+from proxy.upstream.routing import DYNAMIC_IDLE, MAX_DYNAMIC_UPSTREAMS, Upstreams
 
 
 class Clock:
@@ -79,7 +80,7 @@ def test_an_admin_api_without_a_token_on_loopback_is_allowed(address: str) -> No
 def test_serve_refuses_an_open_admin_api_with_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "serve", lambda settings: pytest.fail("it served"))
+    monkeypatch.setattr(cli.serve, "run", lambda settings: pytest.fail("it served"))
     assert cli.main(["serve", "--admin-listen", "0.0.0.0:9000"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1

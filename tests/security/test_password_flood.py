@@ -18,10 +18,10 @@ from fakeupstream import FakeUpstreamServer
 from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
-from proxy import state
-from proxy.access import FAILURES_PER_SOURCE, FAILURES_PER_USER, AccessControl
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamSettings
+from proxy.server import keys as state
+from proxy.server.access import FAILURES_PER_SOURCE, FAILURES_PER_USER, AccessControl
 
 USERS = {
     user: bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from harness.ports import free_port
 
-from proxy.egress import is_public, is_public_registry_name
+from proxy.upstream.egress import is_public, is_public_registry_name
 from security.conftest import SECRET, DynamicMirror, HostileRegistry, InternalService
 
 

@@ -11,8 +11,7 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.access import AccessRule
-from proxy.config import ConfigError, UpstreamSettings, load_settings
+from proxy.config import AccessRule, ConfigError, UpstreamSettings, load_settings
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -21,12 +21,12 @@ from harness.ports import free_port
 from rich.console import Console
 from yarl import URL
 
-from proxy import state
+from proxy.cli.warm import Platform, warm_images
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest
-from proxy.pins import PINS
-from proxy.references import ImageReference
-from proxy.warm import Platform, warm_images
+from proxy.oci.references import ImageReference
+from proxy.server import keys as state
+from proxy.server.keys import PINS
 
 TOKEN = "s3cret-admin-token"
 TIMEOUT = 30

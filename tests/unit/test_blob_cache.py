@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient
 from fakeupstream import FakeUpstreamServer, Gate
 from harness.mirror import StartMirror
 
-from proxy import state
-from proxy.blobstore import BlobStore
+from proxy.cache.store import BlobStore
 from proxy.oci import Digest
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from blobsources import CountingOpener, random_blob
 
-from proxy.blobstore import BlobStore, DigestMismatch, Download, State
+from proxy.cache.download import Download, State
+from proxy.cache.store import BlobStore
+from proxy.errors import DigestMismatch
 from proxy.oci import Digest
 
 

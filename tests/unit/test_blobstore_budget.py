@@ -16,7 +16,8 @@ from pathlib import Path
 
 from blobsources import MemorySource, numbered_blob
 
-from proxy.blobstore import BlobSource, BlobStore, State
+from proxy.cache.download import BlobSource, State
+from proxy.cache.store import BlobStore
 from proxy.oci import Digest
 
 BUDGET = 2_000_000

@@ -21,7 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.blobstore import BlobStore
+from proxy.cache.store import BlobStore
 from proxy.oci import Digest
 
 BUDGET = 10_000

@@ -20,7 +20,7 @@ from yarl import URL
 
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest, Repository
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 
 def blob_path(digest: str) -> str:

@@ -27,10 +27,10 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate
 from harness.mirror import StartMirror
 from harness.ports import free_port
 
-from proxy import state
 from proxy.metrics import REQUEST_BUCKETS
-from proxy.observability import JsonFormatter
 from proxy.oci import Digest
+from proxy.ops.logging import JsonFormatter
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}

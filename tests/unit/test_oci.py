@@ -15,14 +15,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from proxy.errors import ErrorCode, RegistryError
 from proxy.oci import (
     ApiPath,
+    BlobPath,
     Digest,
-    ErrorCode,
+    ManifestPath,
     MediaType,
-    RegistryError,
+    Ping,
+    ReferrersPath,
     Repository,
     Tag,
+    TagsPath,
+    Unsupported,
     accepted_media_types,
     accepts,
     manifest_media_type,
@@ -255,18 +260,15 @@ def test_any_path_is_an_api_path_or_a_registry_error_and_never_escapes(text: str
         return
     assert isinstance(api, ApiPath)
     assert api.endpoint in {"ping", "manifest", "blob", "tags", "referrers", "unsupported"}
-    if api.repository is not None:
+    if not isinstance(api, Ping | Unsupported):
         name = api.repository.name
         assert ".." not in name.split("/")
         assert "%" not in name
         assert "\x00" not in name
         assert not name.startswith("/")
         assert re.fullmatch(NAME_GRAMMAR, name)
-    if api.endpoint in ("manifest", "blob", "referrers"):
-        assert api.repository is not None
-        assert api.reference is not None
-    if api.endpoint in ("blob", "referrers"):
-        assert isinstance(api.reference, Digest)
+    if isinstance(api, BlobPath | ReferrersPath):
+        assert isinstance(api.digest, Digest)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +286,7 @@ def test_a_very_long_path_is_rejected_quickly_with_a_registry_error(text: str) -
 
 
 def test_an_empty_tail_is_the_ping_endpoint() -> None:
-    assert parse_api_path("") == ApiPath("ping")
+    assert parse_api_path("") == Ping()
 
 
 @pytest.mark.parametrize(
@@ -301,22 +303,22 @@ def test_an_empty_tail_is_the_ping_endpoint() -> None:
 def test_a_manifest_path_splits_into_repository_and_reference(
     text: str, repository: str, reference: Tag | Digest
 ) -> None:
-    assert parse_api_path(text) == ApiPath("manifest", Repository(repository), reference)
+    assert parse_api_path(text) == ManifestPath(Repository(repository), reference)
 
 
 def test_a_blob_path_names_a_repository_and_a_digest() -> None:
     api = parse_api_path("library/alpine/blobs/" + SHA512)
-    assert api == ApiPath("blob", Repository("library/alpine"), Digest.parse(SHA512))
+    assert api == BlobPath(Repository("library/alpine"), Digest.parse(SHA512))
     assert api.digest == Digest.parse(SHA512)
 
 
 def test_a_tags_list_path_names_only_a_repository() -> None:
-    assert parse_api_path("a/b/tags/list") == ApiPath("tags", Repository("a/b"))
+    assert parse_api_path("a/b/tags/list") == TagsPath(Repository("a/b"))
 
 
 def test_a_referrers_path_names_a_repository_and_a_digest() -> None:
     api = parse_api_path("a/referrers/" + SHA256)
-    assert api == ApiPath("referrers", Repository("a"), Digest.parse(SHA256))
+    assert api == ReferrersPath(Repository("a"), Digest.parse(SHA256))
 
 
 @pytest.mark.parametrize(

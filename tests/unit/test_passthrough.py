@@ -16,7 +16,7 @@ from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.config import UpstreamSettings
-from proxy.passthrough import client_credentials
+from proxy.server.passthrough import client_credentials
 
 
 def basic(user: str, password: str) -> str:

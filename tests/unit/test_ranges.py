@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from proxy.oci import ErrorCode, RegistryError
-from proxy.ranges import ByteRange, parse_range
+from proxy.errors import ErrorCode, RegistryError
+from proxy.server.ranges import ByteRange, parse_range
 
 SIZE = 2048  # the conformance tests' blob
 

@@ -11,8 +11,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.cache.tags import Misses, Resolution, TagAnswers
 from proxy.oci import MediaType, accepted_media_types, manifest_types
-from proxy.tags import Misses, Resolution, TagAnswers
 
 OCI_MANIFEST = MediaType.OCI_MANIFEST
 OCI_INDEX = MediaType.OCI_INDEX

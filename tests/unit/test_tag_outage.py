@@ -28,9 +28,9 @@ from fakeupstream import (
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy import state
+from proxy.cli.warm import ACCEPT as WARM_ACCEPT
 from proxy.config import UpstreamSettings
-from proxy.warm import ACCEPT as WARM_ACCEPT
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"

@@ -13,8 +13,8 @@ from harness.mirror import StartMirror
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.oci import ErrorCode, RegistryError
-from proxy.taglist import TagQuery
+from proxy.errors import ErrorCode, RegistryError
+from proxy.server.taglist import TagQuery
 
 TAGS = ["1.0", "1.1", "2.0", "Latest", "latest", "v1", "v2"]  # byte order: digits, upper, lower
 PATH = "/v2/team/app/tags/list"

@@ -19,8 +19,8 @@ from fakeupstream import (
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy import state
 from proxy.config import UpstreamSettings
+from proxy.server import keys as state
 
 Client = TestClient[web.Request, web.Application]
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}

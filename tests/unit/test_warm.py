@@ -21,11 +21,7 @@ from harness.mirror import StartMirror, proxy_command
 from rich.console import Console
 from yarl import URL
 
-from proxy import state
-from proxy.config import UpstreamSettings
-from proxy.oci import Digest
-from proxy.references import ImageReference, InvalidReference
-from proxy.warm import (
+from proxy.cli.warm import (
     ImageReport,
     Platform,
     binary_size,
@@ -33,6 +29,10 @@ from proxy.warm import (
     read_references,
     warm_images,
 )
+from proxy.config import UpstreamSettings
+from proxy.oci import Digest
+from proxy.oci.references import ImageReference, InvalidReference
+from proxy.server import keys as state
 
 Mirror = TestClient[web.Request, web.Application]
 AMD64 = frozenset({Platform("linux", "amd64")})

@@ -1,0 +1,55 @@
+"""Typed keys for what the application owns (aiohttp `AppKey`s) and what a handler notes on a
+request for the access log and metrics (`RequestKey`s): every key, in one place.
+
+The services are imported for the type checker only, so any module may import these keys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from proxy.cache.manifests import ManifestService
+    from proxy.cache.pins import PinResolver
+    from proxy.cache.provenance import Provenance
+    from proxy.cache.store import BlobStore
+    from proxy.cache.tags import TagCache
+    from proxy.config import Settings
+    from proxy.metrics import Metrics
+    from proxy.oci import CacheResult
+    from proxy.server.access import AccessControl
+    from proxy.server.blobs import BlobServing
+    from proxy.server.guard import ProvenanceGuard
+    from proxy.server.health import HealthMonitor
+    from proxy.server.passthrough import UpstreamAccessCheck
+    from proxy.server.traffic import RepositoryTraffic
+    from proxy.upstream.routing import Upstreams
+
+# --- the application's services (set by `proxy.app.create_app`)
+SETTINGS: Final[web.AppKey[Settings]] = web.AppKey("settings")
+UPSTREAMS: Final[web.AppKey[Upstreams]] = web.AppKey("upstreams")
+STORE: Final[web.AppKey[BlobStore]] = web.AppKey("store")
+TAGS: Final[web.AppKey[TagCache]] = web.AppKey("tags")
+BLOBS: Final[web.AppKey[BlobServing]] = web.AppKey("blobs")
+MANIFESTS: Final[web.AppKey[ManifestService]] = web.AppKey("manifests")
+ACCESS: Final[web.AppKey[AccessControl]] = web.AppKey("access")
+PASSTHROUGH: Final[web.AppKey[UpstreamAccessCheck]] = web.AppKey("passthrough")
+PROVENANCE: Final[web.AppKey[Provenance]] = web.AppKey("provenance")
+GUARD: Final[web.AppKey[ProvenanceGuard]] = web.AppKey("guard")
+METRICS: Final[web.AppKey[Metrics]] = web.AppKey("metrics")
+HEALTH: Final[web.AppKey[HealthMonitor]] = web.AppKey("health")
+PINS: Final[web.AppKey[PinResolver]] = web.AppKey("pins")
+TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
+
+# --- what a request was (set by handlers, read by the observe middleware)
+ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers
+CACHE_KIND: Final = web.RequestKey("cache_kind", str)  # blob | manifest | tag
+# How the cache answered (hit, miss, ...): a value the handler sets, never a header read back.
+CACHE_RESULT: Final[web.RequestKey[CacheResult]] = web.RequestKey("cache_result")
+UPSTREAM: Final = web.RequestKey("upstream", str)
+IDENTITY: Final = web.RequestKey("identity", str)  # who authenticated, or "anonymous"
+BYTES_SENT: Final = web.RequestKey("bytes_sent", int)  # sendfile bypasses aiohttp's own count
+# Why a body was cut short after its status line went out: client | upstream | mirror.
+ABORTED: Final = web.RequestKey("aborted", str)

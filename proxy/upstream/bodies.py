@@ -1,0 +1,100 @@
+"""What an upstream sends back: manifests (bytes never re-encoded, digest checked) and open blob
+streams (aiohttp's errors translated into ours as they arise)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from proxy.errors import RegistryError, UpstreamTimeout, UpstreamUnavailable
+from proxy.metrics import Metrics
+from proxy.oci import Digest, Reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest as the upstream sent it: the bytes are never re-encoded."""
+
+    body: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    media_type: str
+    digest: Digest
+    size: int
+
+
+class BlobStream:
+    """An open upstream blob body; `size` is the whole blob's size when the upstream said it."""
+
+    def __init__(
+        self,
+        upstream: str,
+        response: aiohttp.ClientResponse,
+        offset: int,
+        metrics: Metrics | None = None,
+        slots: list[asyncio.Semaphore] | None = None,
+        label: str | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._response = response
+        self._slots = slots or []
+        self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
+        self.offset = offset
+        self.size = _total_size(response, offset)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            # Whatever has arrived: small pieces on a slow link (followers get bytes at once),
+            # large ones on a fast link (less per-chunk work); `read_bufsize` caps them.
+            async for chunk in self._response.content.iter_any():
+                if self._fetched is not None:
+                    self._fetched.inc(len(chunk))
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(self._upstream, "timed out sending a blob") from exc
+        except aiohttp.ClientError as exc:
+            log.warning("upstream %s: blob transfer broke: %s", self._upstream, exc)
+            raise UpstreamUnavailable(self._upstream, "blob transfer broke") from exc
+
+    def close(self) -> None:
+        self._response.close()
+        slots, self._slots = self._slots, []
+        for held in slots:
+            held.release()
+
+
+def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
+    if response.status == HTTPStatus.PARTIAL_CONTENT:
+        content_range = response.headers.get("Content-Range", "")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
+        return int(match.group(3)) if match else None
+    return response.content_length
+
+
+def verify_manifest(
+    upstream: str, body: bytes, reference: Reference, headers: CIMultiDictProxy[str]
+) -> Digest:
+    """The manifest's digest, checked against the reference and the upstream's claim."""
+    expected: Digest | None = reference if isinstance(reference, Digest) else None
+    if expected is None and (claimed := headers.get("Docker-Content-Digest")):
+        try:
+            expected = Digest.parse(claimed)
+        except RegistryError:
+            expected = None
+    actual = Digest.of(body, expected.algorithm if expected else "sha256")
+    if expected is not None and actual != expected:
+        raise UpstreamUnavailable(upstream, f"manifest digest mismatch: got {actual}")
+    return actual
