@@ -2,6 +2,8 @@
 
 - ``small``: a multi-arch OCI index (amd64, arm64) of a few MB per platform;
 - ``medium``: one image of about 100 MB in 5 gzip layers;
+- ``wide``: one image of about 120 MB in 10 gzip layers of 8 to 16 MiB, for pulls whose time is
+  spent fetching many blobs a few at a time (prefetch);
 - ``large``: one image whose single layer is 1 GiB, an uncompressed tar written straight to
   disk and streamed up, so generating it costs neither memory nor a gzip pass.
 
@@ -44,14 +46,18 @@ class Sizes:
     small_layers: tuple[int, ...]
     medium_layers: tuple[int, ...]
     large_layer: int
+    wide_layers: tuple[int, ...]
 
     @classmethod
     def full(cls, large_mib: int = 1024) -> Sizes:
-        return cls((512 * 1024, 1 * MIB, 2 * MIB), (20 * MIB,) * 5, large_mib * MIB)
+        wide = tuple(mib * MIB for mib in (16, 8, 12, 10, 14, 9, 15, 11, 13, 8))
+        return cls((512 * 1024, 1 * MIB, 2 * MIB), (20 * MIB,) * 5, large_mib * MIB, wide)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls((16 * 1024, 32 * 1024), (64 * 1024,) * 5, 4 * MIB)
+        # Big enough that HTTP framing stays under 0.5 % of the bytes the relay counts.
+        wide = tuple(kib * 1024 for kib in (256, 128, 192, 160, 224, 144, 240, 176, 208, 128))
+        return cls((16 * 1024, 32 * 1024), (64 * 1024,) * 5, 4 * MIB, wide)
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,11 @@ class Fixtures:
     small: PushedImage
     medium: PushedImage
     large: PushedImage
+    wide: PushedImage
 
     def summary(self) -> dict[str, int]:
-        return {image.name: image.pull_bytes for image in (self.small, self.medium, self.large)}
+        images = (self.small, self.medium, self.large, self.wide)
+        return {image.name: image.pull_bytes for image in images}
 
 
 async def push_fixtures(base_url: str, sizes: Sizes, workdir: Path) -> Fixtures:
@@ -89,10 +97,13 @@ async def push_fixtures(base_url: str, sizes: Sizes, workdir: Path) -> Fixtures:
         medium = build_image(layer_sizes=sizes.medium_layers)
         await push_image(session, base_url, "bench/medium", medium, TAG)
         large = await _push_large(session, base_url, "bench/large", sizes.large_layer, workdir)
+        wide = build_image(layer_sizes=sizes.wide_layers)
+        await push_image(session, base_url, "bench/wide", wide, TAG)
     return Fixtures(
         _small(index),
         _pushed("medium", "bench/medium", medium.manifest, _blobs((medium.config, *medium.layers))),
         large,
+        _pushed("wide", "bench/wide", wide.manifest, _blobs((wide.config, *wide.layers))),
     )
 
 

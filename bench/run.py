@@ -23,8 +23,10 @@ from integration.registry import Distribution
 from bench import REPO_ROOT, scenarios
 from bench.images import Sizes, push_fixtures
 from bench.peers import OURS, PEERS, Peer, interrupt_safe_stop, make_peer, snapshot_ours
-from bench.relay import Relay
-from bench.report import FLOOR, SCENARIOS, Samples, build, markdown
+from bench.relay import Cuts, Relay
+from bench.report import DEFAULT_SCENARIOS, FLOOR, SCENARIOS, Samples, build, markdown
+
+GIB = 1024**3
 
 # program -> Debian package
 REQUIRED_PROGRAMS = {
@@ -83,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny images, 1 repetition, seconds")
     parser.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}, or all "
+        f"(default: {','.join(DEFAULT_SCENARIOS)})",
     )
     parser.add_argument("--mirrors", default=",".join(PEERS), help="comma-separated mirrors")
     parser.add_argument("--repeat", type=int, help="repetitions (default 3, --quick 1)")
@@ -92,6 +95,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--large-mib", type=int, default=1024, help="size of the large layer")
     parser.add_argument("--wan-rtt-ms", type=float, default=50.0)
     parser.add_argument("--wan-mbit", type=float, default=200.0)
+    parser.add_argument(
+        "--cut-connections",
+        type=int,
+        default=3,
+        help="wan_cuts: how many upstream connections are cut",
+    )
+    parser.add_argument(
+        "--cut-mb",
+        type=float,
+        default=150.0,
+        help="wan_cuts: MB each cut connection carries first (scaled with the large layer's "
+        "size: this is for 1 GiB)",
+    )
+    parser.add_argument(
+        "--capped-link-mbit", type=float, default=800.0, help="wan_parallel: the shared link"
+    )
+    parser.add_argument(
+        "--capped-conn-mbit", type=float, default=100.0, help="wan_parallel: each connection"
+    )
+    parser.add_argument(
+        "--prefetch-conn-mbit",
+        type=float,
+        default=50.0,
+        help="prefetch: each connection's cap, on the WAN of --wan-rtt-ms and --wan-mbit",
+    )
     parser.add_argument("--wrk-seconds", type=float, help="per wrk run (default 5, --quick 1)")
     parser.add_argument(
         "--output", type=Path, default=REPO_ROOT / "bench" / "results", help="results directory"
@@ -101,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.scenarios = frozenset(s for s in args.scenarios.split(",") if s)
+    if args.scenarios == {"all"}:
+        args.scenarios = frozenset(SCENARIOS)
     args.mirrors = [m for m in args.mirrors.split(",") if m]
     if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -128,6 +158,49 @@ async def with_peer(
         shutil.rmtree(peer.workdir, ignore_errors=True)  # caches are big; keep the disk free
 
 
+async def _fault_relays(
+    args: argparse.Namespace, upstream_port: int, large_layer: int
+) -> tuple[Relay | None, Relay | None, Relay | None, list[str]]:
+    """The WANs of the fault scenarios that were selected, and a line describing each."""
+    rtt = args.wan_rtt_ms / 1000
+    selected: frozenset[str] = args.scenarios
+    cuts = capped = prefetch = None
+    described: list[str] = []
+    if "wan_cuts" in selected:
+        # 150 MB of 1 GiB by default: the cut falls at the same place in a smaller layer.
+        after = round(args.cut_mb * 1e6 * large_layer / GIB)
+        cuts = await Relay(
+            upstream_port,
+            rtt=rtt,
+            bandwidth=args.wan_mbit * 1e6,
+            cuts=Cuts(args.cut_connections, after),
+        ).start()
+        described.append(
+            f"wan_cuts: the WAN, first {args.cut_connections} upstream connections reset "
+            f"after {after / 1e6:.3g} MB each"
+        )
+    if "wan_parallel" in selected:
+        capped = await Relay(
+            upstream_port,
+            rtt=rtt,
+            bandwidth=args.capped_link_mbit * 1e6,
+            per_connection=args.capped_conn_mbit * 1e6,
+        ).start()
+        described.append(
+            f"wan_parallel: {args.wan_rtt_ms:g} ms RTT, {args.capped_link_mbit:g} Mbit/s link, "
+            f"{args.capped_conn_mbit:g} Mbit/s per connection"
+        )
+    if "prefetch" in selected:
+        prefetch = await Relay(
+            upstream_port,
+            rtt=rtt,
+            bandwidth=args.wan_mbit * 1e6,
+            per_connection=args.prefetch_conn_mbit * 1e6,
+        ).start()
+        described.append(f"prefetch: the WAN, {args.prefetch_conn_mbit:g} Mbit/s per connection")
+    return cuts, capped, prefetch, described
+
+
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sizes = Sizes.quick() if args.quick else Sizes.full(args.large_mib)
     selected: frozenset[str] = args.scenarios
@@ -136,14 +209,18 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     upstream = Distribution(workdir / "upstream")
     await asyncio.to_thread(upstream.start)
     lan = wan = None
+    faults: list[Relay] = []
     try:
         started = time.monotonic()
         fixtures = await push_fixtures(upstream.url, sizes, workdir)
         print(f"images pushed in {time.monotonic() - started:.1f} s", file=sys.stderr)
         lan = await Relay(upstream.port).start()
-        wan = await Relay(
-            upstream.port, rtt=args.wan_rtt_ms / 1000, bandwidth=args.wan_mbit * 1e6
-        ).start()
+        rtt = args.wan_rtt_ms / 1000
+        wan = await Relay(upstream.port, rtt=rtt, bandwidth=args.wan_mbit * 1e6).start()
+        wan_cuts, wan_capped, wan_prefetch, fault_profiles = await _fault_relays(
+            args, upstream.port, fixtures.large.largest_blob[1]
+        )
+        faults = [relay for relay in (wan_cuts, wan_capped, wan_prefetch) if relay is not None]
         ctx = scenarios.Context(
             fixtures=fixtures,
             lan=lan,
@@ -153,6 +230,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             wrk_seconds=args.wrk_seconds,
             scenarios=selected,
             profile_dir=args.output if args.profile else None,
+            wan_cuts=wan_cuts,
+            wan_capped=wan_capped,
+            wan_prefetch=wan_prefetch,
         )
         samples: Samples = {}
         groups: list[tuple[str, Any, str]] = []
@@ -162,12 +242,19 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             groups.append(("herd", scenarios.herd, lan.url))
         if "wan" in selected:
             groups.append(("wan", scenarios.wan, wan.url))
+        if wan_prefetch is not None:
+            groups.append(("prefetch", scenarios.prefetch, wan_prefetch.url))
+            groups.append(("prefetch herd", scenarios.prefetch_herd, wan_prefetch.url))
+        if wan_cuts is not None:
+            groups.append(("wan_cuts", scenarios.wan_cuts, wan_cuts.url))
+        if wan_capped is not None:
+            groups.append(("wan_parallel", scenarios.wan_parallel, wan_capped.url))
         for rep in range(args.repeat):
             # Alternate: each group runs against every mirror in turn, the order rotating.
             order = (
                 args.mirrors[rep % len(args.mirrors) :] + args.mirrors[: rep % len(args.mirrors)]
             )
-            if selected & {"cold_pull", "wan"}:
+            if selected & {"cold_pull", "wan", "wan_parallel", "prefetch"}:
                 scenarios.merge(samples.setdefault("direct", {}), await scenarios.direct(ctx))
             if "manifest_hits" in selected:
                 print(f"rep {rep + 1}/{args.repeat}: manifest hits on the floor", file=sys.stderr)
@@ -180,7 +267,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     result = await with_peer(name, workdir, upstream_url, run, ctx, **kwargs)
                     scenarios.merge(samples.setdefault(name, {}), result)
     finally:
-        for relay in (lan, wan):
+        for relay in (lan, wan, *faults):
             if relay is not None:
                 await relay.stop()
         await asyncio.to_thread(upstream.stop)
@@ -199,6 +286,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "herd_clients": args.herd_clients,
         "image_bytes": fixtures.summary(),
         "wan": f"{args.wan_rtt_ms:g} ms RTT, {args.wan_mbit:g} Mbit/s",
+        "wan_faults": "; ".join(fault_profiles),
         "seconds": round(time.monotonic() - started, 1),
         "ours_version": version,
     }

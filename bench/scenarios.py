@@ -6,7 +6,13 @@ A group shares one mirror instance, started with an empty cache by the caller:
   the memory of 5 for scenario 6;
 - :func:`herd`: 3 thundering herd, and its memory for scenario 6;
 - :func:`wan`: 7 cold and warm pull through the simulated WAN; :func:`direct` pulls without a
-  mirror, the baseline of 1 and 7.
+  mirror, the baseline of 1, 7 and the scenarios below;
+- :func:`wan_cuts`: the large layer pulled by 6 clients at once while the WAN cuts the first
+  upstream connections part-way (resume);
+- :func:`wan_parallel`: a cold fetch of the large layer over a WAN that caps each connection
+  (several connections per blob);
+- :func:`prefetch` and :func:`prefetch_herd`: a cold pull, and a herd of them, of the 10-layer
+  image over the WAN with a per-connection cap (prefetch).
 
 Clients always run in processes of their own (``bench.client``, ``wrk``, ``curl``, ``skopeo``).
 """
@@ -43,6 +49,11 @@ LARGE_BLOB_CLIENTS = 4
 WRK_CONNECTIONS = 64
 WRK_THREADS = 2
 CHILD_TIMEOUT_SECONDS = 1800
+CUT_CLIENTS = 6
+PREFETCH_HERD_CLIENTS = 8
+# A mirror may finish a download after its clients are done (or gave up): wait for it, as long
+# as a 1 GiB layer takes over the slowest WAN profile.
+WAN_SETTLE_SECONDS = 180.0
 
 
 @dataclass
@@ -55,6 +66,10 @@ class Context:
     wrk_seconds: float
     scenarios: frozenset[str]
     profile_dir: Path | None
+    # The WAN profiles of the fault scenarios (see bench.run for their shapes).
+    wan_cuts: Relay | None = None
+    wan_capped: Relay | None = None
+    wan_prefetch: Relay | None = None
     skopeo_check: bool = True
 
 
@@ -95,6 +110,7 @@ class Pull:
     end: float
     first_byte: float | None
     bytes: int
+    error: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -102,12 +118,18 @@ class Pull:
 
 
 async def run_pulls(
-    base: str, image: PushedImage, *, pulls: int = 1, processes: int = 1
+    base: str,
+    image: PushedImage,
+    *,
+    pulls: int = 1,
+    processes: int = 1,
+    allow_errors: bool = False,
 ) -> tuple[float, list[Pull]]:
     """Start ``processes`` clients sharing ``pulls`` pulls, release them at once.
 
     Returns the release time and every pull. The clients import and connect nothing before the
-    release, so process start-up is not part of any time measured.
+    release, so process start-up is not part of any time measured. A failed pull (the clients
+    never retry) raises, or with ``allow_errors`` is returned with its error.
     """
     shares = [pulls // processes + (1 if i < pulls % processes else 0) for i in range(processes)]
     procs: list[asyncio.subprocess.Process] = []
@@ -147,9 +169,11 @@ async def run_pulls(
     found: list[Pull] = []
     for stdout, _ in outputs:
         for item in json.loads(stdout):
-            if item["error"] is not None:
+            if item["error"] is not None and not allow_errors:
                 raise BenchError(f"pull of {image.repo}:{image.tag} from {base}: {item['error']}")
-            found.append(Pull(item["start"], item["end"], item["first_byte"], item["bytes"]))
+            found.append(
+                Pull(item["start"], item["end"], item["first_byte"], item["bytes"], item["error"])
+            )
     return released, found
 
 
@@ -370,8 +394,82 @@ async def wan(peer: Peer, ctx: Context) -> Results:
     }
 
 
+async def wan_cuts(peer: Peer, ctx: Context) -> Results:
+    """6 clients pull the large image at once through a cold mirror while the WAN cuts the first
+    upstream connections part-way. Clients never retry: a pull that fails is counted."""
+    assert ctx.wan_cuts is not None
+    relay, image = ctx.wan_cuts, ctx.fixtures.large
+    relay.reset()
+    released, found = await run_pulls(
+        peer.url, image, pulls=CUT_CLIENTS, processes=min(3, CUT_CLIENTS), allow_errors=True
+    )
+    counters = await relay.settle(limit=WAN_SETTLE_SECONDS)
+    # Each client checked every blob's size and sha256: no error means the whole image verified.
+    verified = sum(1 for pull in found if pull.error is None and pull.bytes == image.pull_bytes)
+    return {
+        "wan_cuts": {
+            "verified_clients": verified,
+            "failed_clients": len(found) - verified,
+            "total_s": max(pull.end for pull in found) - released,
+            "upstream_ratio": counters.downstream / image.pull_bytes,
+            "cuts": counters.cuts,
+        }
+    }
+
+
+async def wan_parallel(peer: Peer, ctx: Context) -> Results:
+    """A cold fetch of the large layer (``curl``) through the mirror, over a WAN that caps each
+    connection well below the link."""
+    assert ctx.wan_capped is not None
+    relay, image = ctx.wan_capped, ctx.fixtures.large
+    digest, size = image.largest_blob
+    relay.reset()
+    got, seconds = await _curl_blob(f"{peer.url}/v2/{image.repo}/blobs/{digest}")
+    counters = await relay.settle(limit=WAN_SETTLE_SECONDS)
+    if got != size:
+        raise BenchError(f"cold fetch of the large blob from {peer.name}: {got} of {size} bytes")
+    return {
+        "wan_parallel": {
+            "cold_s": seconds,
+            "upstream_ratio": counters.downstream / size,
+            "connections": counters.connections,
+        }
+    }
+
+
+async def prefetch(peer: Peer, ctx: Context) -> Results:
+    """A containerd-style cold pull of the 10-layer image through the mirror, over the WAN with
+    a per-connection cap: a mirror that fetches blobs before they are asked for finishes first."""
+    assert ctx.wan_prefetch is not None
+    relay, image = ctx.wan_prefetch, ctx.fixtures.wide
+    relay.reset()
+    seconds = await pull_seconds(peer.url, image)
+    counters = await relay.settle(limit=WAN_SETTLE_SECONDS)
+    return {
+        "prefetch": {"cold_s": seconds, "upstream_ratio": counters.downstream / image.pull_bytes}
+    }
+
+
+async def prefetch_herd(peer: Peer, ctx: Context) -> Results:
+    """A herd of cold pulls of the 10-layer image (fresh mirror): what the upstream sends must
+    not grow with prefetch."""
+    assert ctx.wan_prefetch is not None
+    relay, image = ctx.wan_prefetch, ctx.fixtures.wide
+    relay.reset()
+    released, found = await run_pulls(
+        peer.url, image, pulls=PREFETCH_HERD_CLIENTS, processes=min(4, PREFETCH_HERD_CLIENTS)
+    )
+    counters = await relay.settle(limit=WAN_SETTLE_SECONDS)
+    return {
+        "prefetch": {
+            "herd_total_s": max(pull.end for pull in found) - released,
+            "herd_upstream_ratio": counters.downstream / image.pull_bytes,
+        }
+    }
+
+
 async def direct(ctx: Context) -> Results:
-    """The baselines: pulls straight from the upstream, over the LAN relay and over the WAN."""
+    """The baselines: pulls straight from the upstream, over the LAN relay and over the WANs."""
     out: Results = {}
     if "cold_pull" in ctx.scenarios:
         out["cold_pull"] = {
@@ -381,6 +479,16 @@ async def direct(ctx: Context) -> Results:
     if "wan" in ctx.scenarios:
         seconds = await pull_seconds(ctx.wan.url, ctx.fixtures.medium)
         out["wan"] = {"cold_s": seconds, "warm_s": seconds}
+    if "wan_parallel" in ctx.scenarios and ctx.wan_capped is not None:
+        # One connection, as a client pulling straight from the registry uses per blob.
+        image = ctx.fixtures.large
+        digest, size = image.largest_blob
+        got, seconds = await _curl_blob(f"{ctx.wan_capped.url}/v2/{image.repo}/blobs/{digest}")
+        if got != size:
+            raise BenchError(f"direct fetch of the large blob: {got} of {size} bytes")
+        out["wan_parallel"] = {"cold_s": seconds}
+    if "prefetch" in ctx.scenarios and ctx.wan_prefetch is not None:
+        out["prefetch"] = {"cold_s": await pull_seconds(ctx.wan_prefetch.url, ctx.fixtures.wide)}
     return out
 
 

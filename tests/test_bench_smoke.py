@@ -6,29 +6,21 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("cold_pull", "warm_pull", "herd", "manifest_hits", "large_blob", "memory", "wan")
 MIRRORS = ("ours", "distribution", "nginx")
+WAN_SCENARIOS = ("prefetch", "wan_cuts", "wan_parallel")
+WAN_MIRRORS = ("ours", "nginx")
 QUICK_RUN_SECONDS = 150  # a hang bound, not a speed goal: the machine may be shared
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(QUICK_RUN_SECONDS + 30)
-def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> None:
+def quick_run(output: Path, *args: str) -> dict[str, Any]:
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--mirrors",
-            ",".join(MIRRORS),
-            "--output",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "bench", "--quick", *args, "--output", str(output)],
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -37,8 +29,14 @@ def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> 
         check=False,
     )
     assert run.returncode == 0, run.stderr[-5000:]
+    result: dict[str, Any] = json.loads((output / "latest.json").read_text())
+    return result
 
-    result = json.loads((tmp_path / "latest.json").read_text())
+
+@pytest.mark.integration
+@pytest.mark.timeout(QUICK_RUN_SECONDS + 30)
+def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> None:
+    result = quick_run(tmp_path, "--mirrors", ",".join(MIRRORS))
     for scenario in SCENARIOS:
         for mirror in MIRRORS:
             metrics = result["scenarios"][scenario][mirror]
@@ -51,3 +49,28 @@ def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> 
     assert result["scenarios"]["manifest_hits"]["floor"]["tag_rps"]["median"] > 0
     assert result["goals"]
     assert (tmp_path / "latest.md").read_text().startswith("Run ")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(QUICK_RUN_SECONDS + 30)
+def test_quick_bench_wan_fault_scenarios(tmp_path: Path) -> None:
+    result = quick_run(
+        tmp_path, "--scenarios", ",".join(WAN_SCENARIOS), "--mirrors", ",".join(WAN_MIRRORS)
+    )
+    for scenario in WAN_SCENARIOS:
+        for mirror in WAN_MIRRORS:
+            assert result["scenarios"][scenario][mirror], f"{scenario} has no metrics for {mirror}"
+    cuts = result["scenarios"]["wan_cuts"]
+    for mirror in WAN_MIRRORS:
+        # The fault happened, and every client is accounted for, served or failed.
+        assert cuts[mirror]["cuts"]["median"] >= 1
+        clients = (
+            cuts[mirror]["verified_clients"]["median"] + cuts[mirror]["failed_clients"]["median"]
+        )
+        assert clients == 6
+    for scenario in ("prefetch", "wan_parallel"):
+        assert result["scenarios"][scenario]["direct"]["cold_s"]["median"] > 0
+    goals = {goal["goal"] for goal in result["goals"]}
+    assert any(goal.startswith("WAN cuts") for goal in goals)
+    assert any(goal.startswith("per-connection cap") for goal in goals)
+    assert any(goal.startswith("prefetch") for goal in goals)

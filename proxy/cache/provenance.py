@@ -74,10 +74,11 @@ class Provenance:
         return connection
 
     def close(self) -> None:
-        for connection in (self._reader, self._writer):
-            if connection is not None:
-                connection.close()
-        self._reader = self._writer = None
+        with self._write_lock:  # an insert still running in its thread finishes first
+            for connection in (self._reader, self._writer):
+                if connection is not None:
+                    connection.close()
+            self._reader = self._writer = None
 
     def pairs(self, digest: Digest) -> set[Pair]:
         key = str(digest)
@@ -101,13 +102,15 @@ class Provenance:
             return True
         return False
 
-    async def record(self, digest: Digest, upstream: str, repository: str) -> None:
+    def record(self, digest: Digest, upstream: str, repository: str) -> None:
+        """Remember the pair now; persist it in a thread the request does not wait for (it may
+        be answered, or its client gone, before the row is written)."""
         key, pair = str(digest), (upstream, repository)
         if pair in self._memory.get(key, ()):
             return
         self._remember(key, pair)
         if self._writer is not None:
-            await asyncio.to_thread(self._insert, key, pair)
+            asyncio.get_running_loop().run_in_executor(None, self._insert, key, pair)
 
     def _insert(self, digest: str, pair: Pair) -> None:
         with self._write_lock:

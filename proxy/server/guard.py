@@ -61,7 +61,7 @@ class ProvenanceGuard:
         accept = {"Accept": ", ".join(sorted(MediaType.MANIFESTS))} if kind == "manifest" else {}
         status = await upstream.probe(repository, f"{kind}s/{digest}", accept)
         if status < 300:
-            await self.provenance.record(digest, upstream.name, repository.name)
+            self.provenance.record(digest, upstream.name, repository.name)
             return
         raise refusal(status, kind)
 

@@ -140,7 +140,7 @@ class UpstreamAccessCheck:
                 self._decisions[key] = (status, now)
                 digest = _named_digest(api)
                 if status < 300 and self.provenance is not None and digest is not None:
-                    await self.provenance.record(digest, upstream.name, api.repository.name)
+                    self.provenance.record(digest, upstream.name, api.repository.name)
         if status < 300:
             return
         error = refusal(status, _kind(api))

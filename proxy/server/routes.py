@@ -90,7 +90,7 @@ async def _guarded(
         fetched_here = request.get(keys.CACHE_RESULT) is CacheResult.MISS
         header = response.headers.get("Docker-Content-Digest")
         if header is not None and (fetched_here or not by_digest):
-            await guard.provenance.record(Digest.parse(header), upstream.name, api.repository.name)
+            guard.provenance.record(Digest.parse(header), upstream.name, api.repository.name)
     return response
 
 

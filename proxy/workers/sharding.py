@@ -250,6 +250,9 @@ def relay_socket(path: Path) -> socket.socket:
             os.unlink(path)  # left by this worker's previous life
         sock.bind(str(path))
         os.chmod(path, SOCKET_MODE)
+        # Listening at once: a bound socket that does not listen yet refuses the other workers'
+        # relays, which they would take for a dead owner.
+        sock.listen(socket.SOMAXCONN)
     except OSError:
         sock.close()
         raise

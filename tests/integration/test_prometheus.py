@@ -264,3 +264,6 @@ async def test_prometheus_scrapes_the_mirror_and_every_dashboard_and_alert_query
     )
     assert answers["Mirrors up"] == [1.0]
     assert answers["Digest mismatches"] == [0.0]
+    # Every cause's series exists from the start, and clean pulls abort nothing.
+    assert answers["Aborted transfers"]
+    assert set(answers["Aborted transfers"]) == {0.0}
