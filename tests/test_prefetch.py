@@ -155,7 +155,8 @@ async def test_with_a_budget_smaller_than_the_image_prefetch_keeps_it_and_spares
         await settled(client)
         assert reading in store
 
-    assert peaks and max(peaks) <= budget
+    assert peaks
+    assert max(peaks) <= budget
     assert store.evictions == 0  # it fetched what fit, and evicted nothing for it
     prefetched = [d for d in image.layer_digests if Digest.parse(d) in store]
     assert 0 < len(prefetched) < len(layers)
