@@ -4,7 +4,9 @@ the same single-flight downloads clients join, after clients, within the budget.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory
@@ -12,7 +14,7 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate, Image
 from yarl import URL
 
 from proxy.cache.store import BlobStore
-from proxy.config import UpstreamSettings
+from proxy.config import ConfigError, UpstreamSettings, load_settings
 from proxy.oci import Digest
 from proxy.server import keys
 
@@ -169,3 +171,25 @@ async def test_with_a_budget_smaller_than_the_image_prefetch_keeps_it_and_spares
         response = await client.get(f"/v2/team/app/blobs/{digest}")
         assert await response.read() == layer
     assert max(peaks) <= budget
+
+
+def test_prefetch_and_quota_settings_load_globally_and_per_upstream(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "prefetch = true\nprefetch_concurrency = 2\nquota_reserve = 0\n"
+        '[[upstreams]]\nurl = "https://ghcr.io"\nprefetch = false\n'
+        '[[upstreams]]\nurl = "https://quay.io"\n'
+    )
+    settings = load_settings(config, environ={})
+    assert (settings.prefetch, settings.prefetch_concurrency, settings.quota_reserve) == (
+        True,
+        2,
+        0,
+    )
+    ghcr, quay = settings.upstreams
+    assert not settings.prefetch_for(ghcr)
+    assert settings.prefetch_for(quay)
+    off = load_settings(config, environ={"REGISTRY_PROXY_PREFETCH": "false"})
+    assert not off.prefetch_for(off.upstreams[1])
+    with pytest.raises(ConfigError, match="quota_reserve"):
+        load_settings(None, environ={"REGISTRY_PROXY_QUOTA_RESERVE": "-1"})
