@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.cache.manifests import ManifestService
 from proxy.cache.pins import PinResolver
+from proxy.cache.prefetch import Prefetcher
 from proxy.cache.provenance import Provenance
 from proxy.cache.store import BlobStore
 from proxy.cache.tags import TagCache
@@ -73,7 +74,8 @@ def create_app(
     upstreams = upstreams or Upstreams(settings, metrics=metrics)
     store = store or _store(settings, worker)
     tags = tags or TagCache.from_settings(settings)
-    service = BlobService(store, metrics, settings.send_timeout)
+    prefetcher = Prefetcher(store, settings, metrics)
+    service = BlobService(store, metrics, settings.send_timeout, on_read=prefetcher.read)
     relay = None
     if blobs is None and isinstance(store, ShardedStore):
         relay = OwnerRelay(worker, tls=settings.tls_cert is not None)
@@ -82,6 +84,9 @@ def create_app(
         middlewares=[unless_relayed(observe) if several else observe, render_errors]
     )
     _provide(app, settings, upstreams, store, tags, blobs or service, metrics)
+    app[keys.PREFETCH] = prefetcher
+    # What prefetch fetched through a repository was seen there (proxy.cache.provenance).
+    prefetcher.on_fetched = lambda u, r, digest: app[keys.PROVENANCE].record(digest, u, r)
     app.cleanup_ctx.append(_lifecycle(worker, relay))
     app.on_response_prepare.append(routes.add_protocol_headers)
     # With a separate metrics address, /metrics is served there only.
@@ -160,6 +165,7 @@ def _lifecycle(
             if relay is not None:
                 await running.enter_async_context(relay_lifecycle(relay))
             yield
+        await app[keys.PREFETCH].close()
         await app[keys.MANIFESTS].close()
         await store.close()
         app[keys.ACCESS].close()

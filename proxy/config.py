@@ -104,6 +104,8 @@ class UpstreamSettings:
     # Hosts besides the upstream's own whose token realm may receive its credentials
     # (registry.gitlab.com's realm is on gitlab.com); Docker Hub's is built in.
     token_realm_hosts: tuple[str, ...] = ()
+    # Prefetch the blobs of the images served from it; None follows the global `prefetch`.
+    prefetch: bool | None = None
 
     @property
     def is_docker_hub(self) -> bool:
@@ -167,12 +169,26 @@ class Settings:
     admin_token_file: Path | None = None
     pins: tuple[ImageReference, ...] = ()
     pin_refresh: float = 600.0
+    # Download an image's missing blobs when its manifest is served, before clients ask
+    # (proxy.cache.prefetch), at most this many at once. Unset: on for a single instance, off
+    # for replicas sharing Redis, whose balancer sends each blob to the replica owning its
+    # digest: a replica prefetching what another owns would fetch it twice.
+    prefetch: bool | None = None
+    prefetch_concurrency: int = 4
+    # Below this many requests left in an upstream's rate-limit window, cached tags are served
+    # without revalidation until it resets (proxy.upstream.quota); 0: only after a 429.
+    quota_reserve: int = 10
 
     def tag_ttl_for(self, upstream: UpstreamSettings, tag: str) -> float:
         for rule in (*upstream.tag_ttls, *self.tag_ttls):
             if rule.matches(tag):
                 return rule.ttl
         return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
+
+    def prefetch_for(self, upstream: UpstreamSettings) -> bool:
+        if upstream.prefetch is not None:
+            return upstream.prefetch
+        return self.prefetch if self.prefetch is not None else self.redis_url is None
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -279,6 +295,12 @@ def _positive_duration(text: str) -> float:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise ValueError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a whole number (0 or more)")
     return int(text)
 
 
@@ -425,6 +447,9 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "tls_key": _readable_file,
     "auth_htpasswd": _htpasswd_file,
     "auth_tokens_file": _tokens_file,
+    "prefetch": _boolean,
+    "prefetch_concurrency": _positive_int,
+    "quota_reserve": _whole_number,
 }
 _UPSTREAM_KEYS: Final = frozenset(
     {
@@ -437,6 +462,7 @@ _UPSTREAM_KEYS: Final = frozenset(
         "tag_ttls",
         "pass_client_credentials",
         "token_realm_hosts",
+        "prefetch",
     }
 )
 
@@ -587,6 +613,9 @@ def _upstream_from_table(index: int, table: Any) -> UpstreamSettings:
         token_realm_hosts=_host_list(
             f"{where}.token_realm_hosts", table.get("token_realm_hosts", [])
         ),
+        prefetch=None
+        if "prefetch" not in table
+        else _parse(f"{where}.prefetch", _boolean, table["prefetch"]),
     )
 
 

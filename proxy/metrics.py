@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 PREFIX: Final = "registry_proxy"
 ABORT_CAUSES: Final = ("client", "upstream", "mirror")
+PREFETCH_SKIPS: Final = ("no_room", "queue_full", "failed")
 # Sub-millisecond manifest hits up to multi-minute blob transfers.
 REQUEST_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -136,6 +137,59 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        # Upstream quota (proxy.upstream.quota): what the upstream's rate-limit headers said.
+        self.quota_limit = Gauge(
+            f"{PREFIX}_upstream_quota_limit",
+            "Requests the upstream allows per window (its ratelimit-limit header).",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.quota_remaining = Gauge(
+            f"{PREFIX}_upstream_quota_remaining",
+            "Requests left in the upstream's window (its ratelimit-remaining header).",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.quota_window = Gauge(
+            f"{PREFIX}_upstream_quota_window_seconds",
+            "The upstream's rate-limit window (the w= of its ratelimit headers).",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.quota_saving = Gauge(
+            f"{PREFIX}_upstream_quota_saving",
+            "1 while cached tags of the upstream are served without revalidation: its remaining"
+            " quota is below quota_reserve, or it answered 429.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        # Prefetch (proxy.cache.prefetch): blobs fetched before a client asked, and whether it paid.
+        self.prefetched_blobs = Counter(
+            f"{PREFIX}_prefetched_blobs",
+            "Blobs downloaded into the cache by prefetch, before a client asked for them.",
+            registry=r,
+        )
+        self.prefetched_bytes = Counter(
+            f"{PREFIX}_prefetched_bytes",
+            "Bytes of the blobs downloaded by prefetch.",
+            registry=r,
+        )
+        self.prefetch_used = Counter(
+            f"{PREFIX}_prefetch_used_blobs",
+            "Prefetched blobs a client then read (first read only).",
+            registry=r,
+        )
+        self.prefetch_skipped = Counter(
+            f"{PREFIX}_prefetch_skipped_blobs",
+            "Blobs prefetch did not fetch, by reason (no_room: they would not fit beside what"
+            " is in use; queue_full; failed).",
+            ["reason"],
+            registry=r,
+        )
         self._store: StoreFigures | None = None
         self._store_gauges: dict[str, Gauge] = {}
         self._store_counters: dict[str, tuple[Counter, int]] = {}
@@ -152,6 +206,8 @@ class Metrics:
                 self.cache_requests.labels(kind, result)
         for result in ("hit", "miss", "coalesced"):
             self.blob_first_byte.labels(result)
+        for reason in PREFETCH_SKIPS:
+            self.prefetch_skipped.labels(reason)
 
     def watch_store(self, store: StoreFigures) -> None:
         """Export the store's figures. Workers each hold a share of the cache: their gauges add

@@ -68,6 +68,9 @@ def mirror(
             "cache_max_size": 1024**3,
             "connect_timeout": 2.0,
             "read_timeout": 5.0,
+            # Background blob fetches would change the upstream requests most tests count;
+            # tests/unit/test_prefetch.py switches it on (the product's default).
+            "prefetch": False,
         }
         options.update(overrides)
         return await aiohttp_client(create_app(Settings(**options)))  # type: ignore[arg-type]

@@ -131,6 +131,26 @@ class Gate:
 
 
 @dataclass
+class RateLimit:
+    """Docker Hub's pull quota as its answers state it: `limit` per `window` seconds,
+    `remaining` of them left, counted against `source` (an IP address when anonymous)."""
+
+    limit: int = 100
+    remaining: int = 100
+    window: int = 21600
+    source: str = "203.0.113.7"
+
+    def answer(self, method: str) -> dict[str, str]:
+        if method == "GET":
+            self.remaining = max(0, self.remaining - 1)
+        return {
+            "ratelimit-limit": f"{self.limit};w={self.window}",
+            "ratelimit-remaining": f"{self.remaining};w={self.window}",
+            "docker-ratelimit-source": self.source,
+        }
+
+
+@dataclass
 class HugeBody:
     """An endless document: `size` bytes of JSON-looking filler for every GET whose path
     contains the key it is registered under in `FakeRegistry.huge_bodies`.
@@ -298,6 +318,11 @@ class FakeRegistry:
         self.ignore_pagination = False
         # Path substring -> an endless body served instead of the route (see HugeBody).
         self.huge_bodies: dict[str, HugeBody] = {}
+
+        # Docker Hub's pull quota: when set, every manifest answer carries its headers
+        # (ratelimit-limit, ratelimit-remaining, docker-ratelimit-source) and a manifest GET
+        # spends one request (a HEAD is free, as on Docker Hub).
+        self.rate_limit: RateLimit | None = None
 
         # Set at shutdown so handlers parked in a black hole or a gate give up at once
         # instead of holding the server's graceful shutdown for its whole timeout.
@@ -626,6 +651,7 @@ class FakeRegistry:
         manifest = stored.get(digest) if digest is not None else None
         if manifest is None:
             return _error(404, "MANIFEST_UNKNOWN", f"manifest unknown: {ref}")
+        quota = self.rate_limit.answer(request.method) if self.rate_limit is not None else {}
         chosen = self._negotiate(repo, manifest, by_tag, _accepted_types(request))
         if chosen is None:
             return _error(
@@ -638,6 +664,7 @@ class FakeRegistry:
             "Content-Type": chosen.media_type,
             "Docker-Content-Digest": chosen.digest,
             "ETag": etag,
+            **quota,
         }
         if etag in request.headers.getall("If-None-Match", []):
             return web.Response(status=304, headers=headers)

@@ -73,6 +73,11 @@ class Eviction:
                 if self._held_open.pop(digest, 0):
                     self._freed()  # the last reader closed an evicted blob: its blocks are free
 
+    def held_bytes(self, also: frozenset[Digest] = frozenset()) -> int:
+        """Bytes of cached blobs eviction may not take now (leased or pinned), and of `also`."""
+        held = self._leases.keys() | self.pinned | also
+        return sum(entry.size for digest in held if (entry := self.index.get(digest)) is not None)
+
     # --- reservations
 
     async def reserve(self, size: int) -> int:

@@ -16,7 +16,9 @@ A tag request, in order:
    client's Accept first resolved it (`tags.TagAnswers`); a slow revalidation goes on in the
    background, bounded by the upstream's `response_timeout`;
 4. a 404 is remembered for `negative_ttl`, for the set of manifest types it answered
-   (`tags.Misses`), so a herd asking for a missing tag costs one call.
+   (`tags.Misses`), so a herd asking for a missing tag costs one call;
+5. while the upstream's quota is low or it answered 429 (`proxy.upstream.quota`), a cached
+   resolution is served as in 3. without asking it (STALE); new tags still go upstream.
 """
 
 from __future__ import annotations
@@ -120,8 +122,12 @@ class ManifestService:
         answers = await self.tags.answers(*names)
         known = answers.choose(types)
         ttl = self.settings.tag_ttl_for(upstream.settings, tag.name)
-        if known is not None and time.time() - known.checked < ttl:
-            answer = await self._from_resolution(upstream, repository, known, head, CacheResult.HIT)
+        fresh = known is not None and time.time() - known.checked < ttl
+        # With the upstream's quota low (proxy.upstream.quota), a cached tag is served as it is
+        # (STALE) rather than spend a request on its freshness.
+        if known is not None and (fresh or upstream.quota.saving):
+            result = CacheResult.HIT if fresh else CacheResult.STALE
+            answer = await self._from_resolution(upstream, repository, known, head, result)
             if answer is not None:
                 return answer
 

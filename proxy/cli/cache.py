@@ -1,6 +1,6 @@
 """`registry-proxy cache ...`: the admin API (`admin`) from the command line, as tables.
 
-registry-proxy cache stats                 size, budget, hit ratio, top repositories
+registry-proxy cache stats                 size, budget, hit ratio, top repositories, upstream quota
 registry-proxy cache ls REPO               cached tags with digest and age
 registry-proxy cache invalidate REPO[:TAG] the next pull revalidates with the upstream
 registry-proxy cache evict DIGEST          drop one blob or manifest
@@ -178,6 +178,30 @@ def show_stats(console: Console, stats: dict[str, Any]) -> None:
     for row in stats["top_repositories"]:
         top.add_row(row["repository"], binary_size(row["bytes"]), str(row["requests"]))
     console.print(top)
+    show_quota(console, stats.get("quota", {}))
+
+
+def show_quota(console: Console, quota: dict[str, dict[str, Any]]) -> None:
+    """Upstream rate limits, for the upstreams that sent their headers."""
+    said = {name: q for name, q in quota.items() if q["limit"] is not None or q["saving"]}
+    if not said:
+        return
+    table = Table(title="upstream quota", title_justify="left")
+    for column in ("upstream", "remaining", "limit", "window", "counted as", "revalidating"):
+        table.add_column(
+            column, justify="left" if column in ("upstream", "counted as") else "right"
+        )
+    for name, q in said.items():
+        window = q["window_seconds"]
+        table.add_row(
+            name,
+            "-" if q["remaining"] is None else str(q["remaining"]),
+            "-" if q["limit"] is None else str(q["limit"]),
+            "-" if window is None else _age(window),
+            q["source"] or "-",
+            f"no, for {_age(q['saving_for_seconds'])}" if q["saving"] else "yes",
+        )
+    console.print(table)
 
 
 def show_tags(console: Console, answer: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 Every request carries `Authorization: Bearer <token>` when `admin_token_file` is set; without
 it, or with another token, the answer is 401. Errors are `{"error": "..."}`.
 
-    GET  /stats                      size, budget, entries, pins, hit ratio, top repositories
+    GET  /stats                      size, budget, entries, pins, hit ratio, top repositories,
+                                     each upstream's quota (rate-limit headers)
     GET  /tags?repository=REPO       cached tag resolutions of a repository, with digest and age
     POST /invalidate  {"repository": REPO, "tag": TAG?}   the next pull of the tag (or of every
                                      tag of the repository) revalidates with the upstream
@@ -147,6 +148,11 @@ async def stats(request: web.Request) -> web.Response:
                 {"repository": name, "bytes": served.bytes, "requests": served.requests}
                 for name, served in mirror[keys.TRAFFIC].top(top)
             ],
+            # What each configured upstream's rate-limit headers said (proxy.upstream.quota).
+            "quota": {
+                upstream.name: upstream.quota.snapshot()
+                for upstream in mirror[keys.UPSTREAMS].configured
+            },
         }
     )
 

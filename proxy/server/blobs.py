@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -125,14 +126,19 @@ class BlobService:
         store: BlobStore,
         metrics: Metrics,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        on_read: Callable[[Digest], None] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.send_timeout = send_timeout
+        # Told of every blob a client GETs (prefetch counts what paid: `Prefetcher.read`).
+        self.on_read = on_read
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
     ) -> web.StreamResponse:
+        if self.on_read is not None and request.method == "GET":
+            self.on_read(digest)
         await self.store.ensure_verified(digest)
         with self.store.open_blob(digest) as cached:
             if cached is not None:

@@ -13,6 +13,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.cache.manifests import ManifestService
     from proxy.cache.pins import PinResolver
+    from proxy.cache.prefetch import Prefetcher
     from proxy.cache.provenance import Provenance
     from proxy.cache.store import BlobStore
     from proxy.cache.tags import TagCache
@@ -42,6 +43,7 @@ METRICS: Final[web.AppKey[Metrics]] = web.AppKey("metrics")
 HEALTH: Final[web.AppKey[HealthMonitor]] = web.AppKey("health")
 PINS: Final[web.AppKey[PinResolver]] = web.AppKey("pins")
 TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
+PREFETCH: Final[web.AppKey[Prefetcher]] = web.AppKey("prefetch")
 
 # --- what a request was (set by handlers, read by the observe middleware)
 ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers

@@ -37,6 +37,7 @@ from proxy.oci import Digest, MediaType, Reference, Repository, dockerhub
 from proxy.upstream.auth import DEFAULT_TOKEN_LIFETIME, Challenge, TokenTable
 from proxy.upstream.bodies import BlobStream, Manifest, ManifestHead, verify_manifest
 from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.quota import Quota
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Upstream:
         connector: Callable[[], aiohttp.BaseConnector] | None = None,
         metrics_label: str | None = None,
         max_manifest_size: int = DEFAULT_MAX_MANIFEST_SIZE,
+        quota: Quota | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -104,6 +106,8 @@ class Upstream:
         self._client_credentials: str | None = None
         self._tokens = TokenTable()
         self._token_fetches: dict[str, asyncio.Future[str]] = {}
+        # What its rate-limit headers said (shared by every `for_client` view).
+        self.quota = quota or Quota(settings.name, metrics=metrics, label=self.label)
 
     def for_client(self, credentials: str | None) -> Upstream:
         """This upstream in one client's name (`pass_client_credentials`): the same
@@ -370,6 +374,7 @@ class Upstream:
             self.breaker.failure()
         else:
             self.breaker.success()
+        self.quota.observe(response.status, response.headers)
         return response
 
     def _count_error(self, kind: str, reason: str) -> None:

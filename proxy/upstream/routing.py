@@ -22,6 +22,7 @@ from proxy.metrics import Metrics
 from proxy.upstream.breaker import CircuitBreaker
 from proxy.upstream.client import Upstream
 from proxy.upstream.egress import ANY_ADDRESS, Egress, is_public_registry_name
+from proxy.upstream.quota import Quota
 
 # A registry host as containerd names it: DNS labels, optionally a port.
 _REGISTRY_HOST: Final = re.compile(
@@ -55,7 +56,7 @@ class Upstreams:
         self.metrics = metrics
         self.egress = egress or Egress()
         self._clock = clock
-        self._all_downloads = asyncio.Semaphore(settings.max_downloads)
+        self._all_downloads = CountedSlots(settings.max_downloads)
         configured = upstreams or [self._make(u) for u in settings.upstreams]
         self._by_name = {upstream.name: upstream for upstream in configured}
         self.default = configured[0]
@@ -72,6 +73,14 @@ class Upstreams:
     def _make(self, upstream: UpstreamSettings, *, dynamic: bool = False) -> Upstream:
         # Configured upstreams may be anywhere; on-demand ones only where the policy permits.
         policy = self.egress.dynamic if dynamic else ANY_ADDRESS
+        label = DYNAMIC_LABEL if dynamic else None
+        quota = Quota(
+            upstream.name,
+            reserve=self.settings.quota_reserve,
+            credentials=upstream.username is not None and not upstream.pass_client_credentials,
+            metrics=self.metrics,
+            label=label,
+        )
         return Upstream(
             upstream,
             connect_timeout=self.settings.connect_timeout,
@@ -85,8 +94,9 @@ class Upstreams:
             ),
             max_blob_size=self.settings.max_blob_size,
             connector=lambda: self.egress.connector(policy),
-            metrics_label=DYNAMIC_LABEL if dynamic else None,
+            metrics_label=label,
             max_manifest_size=self.settings.max_manifest_size,
+            quota=quota,
         )
 
     def __iter__(self) -> Iterator[Upstream]:
@@ -157,11 +167,14 @@ def _downloading(upstream: Upstream) -> bool:
 
 
 class CountedSlots(asyncio.Semaphore):
-    """A semaphore that knows how many of its slots are taken."""
+    """A semaphore that knows how many of its slots are taken, of how many, and tells a waiter
+    when one is given back (prefetch takes a slot only while enough stay free for clients)."""
 
     def __init__(self, value: int) -> None:
         super().__init__(value)
+        self.capacity = value
         self.taken = 0
+        self._released = asyncio.Event()
 
     async def acquire(self) -> Literal[True]:
         await super().acquire()
@@ -171,3 +184,9 @@ class CountedSlots(asyncio.Semaphore):
     def release(self) -> None:
         self.taken -= 1
         super().release()
+        released, self._released = self._released, asyncio.Event()
+        released.set()
+
+    async def released(self) -> None:
+        """Return when a slot is next given back."""
+        await self._released.wait()

@@ -1,0 +1,261 @@
+"""Prefetch: when an image manifest is served, its missing blobs start downloading at once.
+
+Clients fetch an image's blobs a few at a time, each after its own round trip; the mirror knows
+the whole list the moment it serves the image manifest. Its config and layers not in the cache
+are queued then, and fetched through the store's single-flight downloads (`BlobStore.download`),
+the very ones a client's request joins: a client asking for a blob being prefetched streams it
+as it lands, and the upstream sends it once.
+
+Only the manifest a client asked for: an index served by tag prefetches nothing (every platform
+would be fetched); the platform manifest the client then asks for by digest does.
+
+Prefetch comes after clients:
+
+* slots: it starts a download only while, after it, a quarter of the upstream's download slots
+  (global and per upstream; at least one) stay free for clients, and waits for a slot to be
+  given back otherwise;
+* budget: it starts a blob only if the blob fits beside everything eviction may not take now
+  (blobs being read, pinned ones, downloads in flight, and what it prefetched that no client
+  has read yet, for `UNREAD_PROTECTION`), so it never evicts what is in use or what it just
+  fetched, and never starts what cannot fit; the budget itself holds at every instant anyway
+  (`proxy.cache.eviction`);
+* bounded: at most `prefetch_concurrency` downloads at once, `QUEUE_SIZE` blobs queued, each
+  digest once; on shutdown the queue is dropped and the downloads are cancelled with the store.
+
+With several workers, a worker prefetches the blobs it owns (`BlobStore.claims`) only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.cache.download import BlobSource, State
+from proxy.cache.store import BlobStore
+from proxy.config import Settings
+from proxy.errors import RegistryError
+from proxy.metrics import Metrics
+from proxy.oci import Digest, Repository
+from proxy.oci.media import image_blobs, is_image_manifest, manifest_document
+from proxy.upstream.client import Upstream
+from proxy.upstream.routing import CountedSlots
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE: Final = 1024
+# A prefetched blob no client has read yet is kept from prefetch's own evictions this long.
+UNREAD_PROTECTION: Final = 600.0
+
+# Told of each blob prefetch completed: (upstream name, repository name, digest).
+Fetched = Callable[[str, str, Digest], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    upstream: Upstream
+    repository: Repository
+    digest: Digest
+    size: int
+
+
+@dataclass(slots=True)
+class _Active:
+    size: int
+    state: Callable[[], State]
+    read: bool = False
+
+
+def spare_slots_kept(capacity: int) -> int:
+    """Download slots prefetch leaves to clients: a quarter, at least one."""
+    return max(1, capacity // 4)
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        store: BlobStore,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        on_fetched: Fetched | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.on_fetched = on_fetched
+        self.clock = clock
+        self.queue_size = queue_size
+        self._queue: deque[_Job] = deque()
+        self._queued: set[Digest] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._active: dict[Digest, _Active] = {}
+        self._unread: dict[Digest, float] = {}  # prefetched, not read yet: when it landed
+        self._connecting = 0  # downloads started, not yet holding their slots
+        self._closed = False
+
+    # --- what the handlers tell it
+
+    def image_served(self, upstream: Upstream, repository: Repository, body: bytes) -> int:
+        """A manifest was served: queue its config and layers that are not cached; how many."""
+        if (
+            self._closed
+            or not self.store.writable
+            or not self.settings.prefetch_for(upstream.settings)
+        ):
+            return 0
+        try:
+            document = manifest_document(body)
+            if not is_image_manifest(document):
+                return 0  # an index: its platform manifest, asked for by digest, will say
+            blobs = image_blobs(document)
+        except RegistryError:
+            return 0
+        queued = 0
+        for blob in blobs:
+            digest = blob.digest
+            if (
+                digest in self._queued
+                or digest in self.store
+                or self.store.in_flight(digest) is not None
+                or not self.store.claims(digest)
+            ):
+                continue
+            if len(self._queue) >= self.queue_size:
+                self._skipped("queue_full")
+                continue
+            self._queue.append(_Job(upstream, repository, digest, blob.size))
+            self._queued.add(digest)
+            queued += 1
+        while self._queue and len(self._workers) < self.settings.prefetch_concurrency:
+            task = asyncio.get_running_loop().create_task(self._work(), name="prefetch")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+        return queued
+
+    def read(self, digest: Digest) -> None:
+        """A client asked for a blob: if prefetch fetched it (or is fetching it), it paid."""
+        active = self._active.get(digest)
+        if active is not None and not active.read:
+            active.read = True
+            self._count_used()
+        elif self._unread.pop(digest, None) is not None:
+            self._count_used()
+
+    # --- lifecycle
+
+    async def settled(self) -> None:
+        """Wait until the queue is empty and every prefetch download has finished."""
+        while self._workers:
+            await asyncio.gather(*list(self._workers), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drop the queue and stop; downloads in flight are the store's to cancel."""
+        self._closed = True
+        self._queue.clear()
+        self._queued.clear()
+        workers = list(self._workers)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # --- the work
+
+    async def _work(self) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            try:
+                await self._fetch(job)
+            except Exception:  # a bug here must not stop the queue, nor reach a client
+                log.exception("prefetch of %s failed", job.digest)
+            finally:
+                self._queued.discard(job.digest)
+
+    def _taken(self, digest: Digest) -> bool:
+        """Cached already, or a download (a client's, or ours) is on it."""
+        return digest in self.store or self.store.in_flight(digest) is not None
+
+    async def _fetch(self, job: _Job) -> None:
+        if self._taken(job.digest):
+            return
+        await self._spare_slot(job.upstream)
+        if self._taken(job.digest):
+            return  # a client started it while we waited
+        if not self._fits(job.size):
+            self._skipped("no_room")
+            return
+
+        async def opener(offset: int) -> BlobSource:
+            return await job.upstream.open_blob(job.repository, job.digest, offset)
+
+        download, started = self.store.download(job.digest, opener)
+        if not started or download.task is None:
+            return
+        active = _Active(job.size, lambda: download.state)
+        self._active[job.digest] = active
+        self._connecting += 1
+        try:
+            try:
+                await download.ready.wait()  # it holds its slots and its reservation now
+            finally:
+                self._connecting -= 1
+            # Waiting must not cancel the download: clients may be reading it.
+            await asyncio.wait([download.task])
+        finally:
+            del self._active[job.digest]
+        if download.state is not State.COMPLETE:
+            self._skipped("failed")
+            return
+        if self.metrics is not None:
+            self.metrics.prefetched_blobs.inc()
+            self.metrics.prefetched_bytes.inc(job.size)
+        if not active.read:
+            self._unread[job.digest] = self.clock()
+        if self.on_fetched is not None:
+            self.on_fetched(job.upstream.name, job.repository.name, job.digest)
+
+    async def _spare_slot(self, upstream: Upstream) -> None:
+        """Wait until taking a download slot leaves enough free for clients, in every limit."""
+        while (short := self._short_of(upstream)) is not None:
+            await short.released()
+
+    def _short_of(self, upstream: Upstream) -> CountedSlots | None:
+        for slots in upstream.download_slots:
+            if not isinstance(slots, CountedSlots):
+                continue
+            free = slots.capacity - slots.taken - self._connecting
+            if free - 1 < spare_slots_kept(slots.capacity):
+                return slots
+        return None
+
+    def _fits(self, size: int) -> bool:
+        """Whether `size` more bytes fit beside what eviction may not take, what downloads in
+        flight reserved (or will: ours still connecting), and our unread prefetches."""
+        now = self.clock()
+        for digest, landed in list(self._unread.items()):
+            if now - landed >= UNREAD_PROTECTION or digest not in self.store:
+                del self._unread[digest]
+        eviction = self.store.eviction
+        unread = frozenset(self._unread)
+        # Ours not holding a reservation: still connecting, or landed and not yet counted as
+        # unread (the download finished; this task has not run since).
+        unreserved = (State.CONNECTING, State.COMPLETE)
+        connecting = sum(
+            active.size for active in self._active.values() if active.state() in unreserved
+        )
+        in_use = eviction.held_bytes(unread) + eviction.reserved + eviction.deleting + connecting
+        return in_use + size <= eviction.budget
+
+    def _skipped(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.prefetch_skipped.labels(reason).inc()
+
+    def _count_used(self) -> None:
+        if self.metrics is not None:
+            self.metrics.prefetch_used.inc()
