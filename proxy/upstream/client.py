@@ -29,6 +29,7 @@ from yarl import URL
 from proxy.config import UpstreamSettings
 from proxy.errors import (
     ErrorCode,
+    RangeIgnored,
     RegistryError,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -90,6 +91,12 @@ class BlobStream:
         self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
         self.offset = offset
         self.size = _total_size(response, offset)
+        # What tells one body from another of the same URL, compared when a download resumes
+        # (RFC 9110 section 8.8); and whether the upstream takes Range requests (section 14.3).
+        self.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        self.accepts_ranges = response.status == HTTPStatus.PARTIAL_CONTENT or (
+            response.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
+        )
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -114,10 +121,16 @@ class BlobStream:
 
 def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
     if response.status == HTTPStatus.PARTIAL_CONTENT:
-        content_range = response.headers.get("Content-Range", "")
-        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
-        return int(match.group(3)) if match else None
+        span = _content_range(response)
+        return span[2] if span else None
     return response.content_length
+
+
+def _content_range(response: aiohttp.ClientResponse) -> tuple[int, int, int] | None:
+    """First byte, last byte and complete length of a 206 (RFC 9110 section 14.4)."""
+    content_range = response.headers.get("Content-Range", "")
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 # auth-param = token BWS "=" BWS ( token / quoted-string ), RFC 9110 section 11.2
@@ -327,9 +340,14 @@ class Upstream:
         return ManifestHead(media_type=media_type, digest=digest, size=response.content_length)
 
     async def open_blob(
-        self, repository: Repository, digest: Digest, offset: int = 0
+        self, repository: Repository, digest: Digest, offset: int = 0, end: int | None = None
     ) -> BlobStream:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        """The blob from byte `offset`, up to byte `end` (exclusive) when given: a resumed
+        download, or one part of a download over several connections. Every open goes through
+        the registry, so a signed CDN URL that expired since the last one is never reused."""
+        headers = {"Range": f"bytes={offset}-{'' if end is None else end - 1}"}
+        if not offset and end is None:
+            headers = {}
         path = f"{self.remote_name(repository)}/blobs/{digest}"
         # A slot in every limit (global, this upstream) is held until the stream is closed.
         held: list[asyncio.Semaphore] = []
@@ -340,8 +358,10 @@ class Upstream:
             response = await self._send("GET", path, repository, headers)
             try:
                 self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
-                if offset and response.status != HTTPStatus.PARTIAL_CONTENT:
-                    raise UpstreamUnavailable(self.name, "ignored a Range request")
+                if headers and response.status != HTTPStatus.PARTIAL_CONTENT:
+                    raise RangeIgnored(self.name)
+                if headers and (_content_range(response) or (-1,))[0] != offset:
+                    raise RangeIgnored(self.name, "answered another range than asked")
             except RegistryError:
                 response.release()
                 raise
