@@ -809,17 +809,19 @@ class FakeRegistry:
 
         truncate_at = _relative(self.truncate.get(digest), base)
         reset_at = _relative(self.reset_after.get(digest), base)
-        for position in self.cuts.get(digest, []):
-            if base <= position < base + len(data):
-                self.cuts[digest].remove(position)
-                reset_at = min(position - base, len(data) if reset_at is None else reset_at)
-                break
         cut = min(x for x in (truncate_at, reset_at, len(data)) if x is not None)
         gate = self.gate.get(digest)
         gate_at = gate.after_bytes if gate is not None else None
         delay = self.slow.get(digest)
         sent = 0
         while True:
+            # The first response to reach a one-time cut takes it (a connection closed by the
+            # client before that byte leaves it to the next).
+            once = [p - base for p in self.cuts.get(digest, ()) if sent <= p - base < cut]
+            if once and sent == min(once):
+                self.cuts[digest].remove(base + sent)
+                reset_at = cut = sent
+                break
             if gate is not None and gate_at is not None and sent >= min(gate_at, cut):
                 # A gate past the cut still pauses, so tests can rely on `reached`.
                 if not await self._pause(gate):
@@ -828,7 +830,7 @@ class FakeRegistry:
                 gate_at = None
             if sent >= cut:
                 break
-            end = min(sent + self.chunk_size, cut)
+            end = min(sent + self.chunk_size, cut, *once)
             if gate_at is not None:
                 end = min(end, gate_at)
             await resp.write(data[sent:end])

@@ -34,7 +34,7 @@ MiB: Final = 1024 * 1024
 HASH_SLICE: Final = 8 * MiB
 MAX_BACKOFF: Final = 5.0
 # No part smaller than this: below it another connection costs more than it brings.
-MIN_PART: Final = 4 * MiB
+MIN_PART: Final = MiB
 
 
 @dataclass(frozen=True, slots=True)
