@@ -131,7 +131,8 @@ async def test_a_resume_answered_with_another_body_starts_over_and_is_never_spli
     await settle(client)
     first, resumed, again = ranges_asked(fake_upstream, digest)
     assert (first, again) == (None, None)  # the resume, then a whole new start
-    assert resumed is not None and resumed.startswith("bytes=")
+    assert resumed is not None
+    assert resumed.startswith("bytes=")
     await cached(client, digest, data)
 
 
