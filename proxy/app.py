@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.cache.fetch import FetchPolicy
 from proxy.cache.manifests import ManifestService
 from proxy.cache.pins import PinResolver
 from proxy.cache.prefetch import Prefetcher
@@ -105,9 +106,22 @@ def _store(settings: Settings, worker: Worker) -> BlobStore:
             settings.cache_max_size,
             worker,
             download_timeout=settings.download_timeout,
+            fetch_policy=_fetch_policy(settings),
         )
     return BlobStore(
-        settings.cache_dir, settings.cache_max_size, download_timeout=settings.download_timeout
+        settings.cache_dir,
+        settings.cache_max_size,
+        download_timeout=settings.download_timeout,
+        fetch_policy=_fetch_policy(settings),
+    )
+
+
+def _fetch_policy(settings: Settings) -> FetchPolicy:
+    return FetchPolicy(
+        resume_attempts=settings.resume_attempts,
+        resume_backoff=settings.resume_backoff,
+        parallel_threshold=settings.parallel_download_threshold,
+        parallel_parts=settings.parallel_download_parts,
     )
 
 

@@ -126,6 +126,14 @@ class Settings:
     response_timeout: float = 10.0
     # A whole blob download, which belongs to the cache and outlives the request that started it.
     download_timeout: float = 3600.0
+    # A blob download whose upstream connection breaks continues where it broke (Range), after
+    # `resume_backoff` (doubling), giving up after `resume_attempts` tries in a row without a
+    # new byte (0: never resume). A blob over `parallel_download_threshold` bytes is fetched as
+    # `parallel_download_parts` ranged requests at once (1: one connection per blob).
+    resume_attempts: int = 4
+    resume_backoff: float = 0.25
+    parallel_download_threshold: int = 64 * 1024 * 1024
+    parallel_download_parts: int = 4
     tag_ttl: float = 600.0
     tag_ttls: tuple[TagTtl, ...] = DEFAULT_TAG_TTLS
     # How long a tag resolution is kept to serve stale while the upstream fails.
@@ -421,6 +429,10 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "read_timeout": _positive_float,
     "response_timeout": _positive_duration,
     "download_timeout": _positive_float,
+    "resume_attempts": _whole_number,
+    "resume_backoff": _positive_duration,
+    "parallel_download_threshold": parse_size,
+    "parallel_download_parts": _positive_int,
     "tag_ttl": _positive_duration,
     "stale_ttl": _positive_duration,
     "negative_ttl": parse_duration,

@@ -89,6 +89,13 @@ class UpstreamUnavailable(UpstreamError):
         )
 
 
+class RangeIgnored(UpstreamUnavailable):
+    """The upstream answered a ranged request with the whole body (200), or another range."""
+
+    def __init__(self, upstream: str, why: str = "ignored a Range request") -> None:
+        super().__init__(upstream, why)
+
+
 class UpstreamTimeout(UpstreamError):
     def __init__(self, upstream: str, why: str = "timed out") -> None:
         super().__init__(ErrorCode.UNAVAILABLE, f"upstream {upstream} {why}", status=504)

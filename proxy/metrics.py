@@ -112,6 +112,12 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.upstream_resumes = Counter(
+            f"{PREFIX}_upstream_resumes",
+            "Blob downloads continued with a Range request where an upstream connection broke.",
+            ["upstream"],
+            registry=r,
+        )
         self.aborted_responses = Counter(
             f"{PREFIX}_aborted_responses",
             "Responses cut off mid-body after their status went out, by cause (client: it went"

@@ -26,6 +26,9 @@ def numbered_blob(number: int, size: int) -> tuple[Digest, bytes]:
 class MemorySource:
     """Serves `data` from `offset` in chunks; can pause at a byte count until released."""
 
+    validator: str | None = None
+    accepts_ranges = False
+
     def __init__(
         self,
         data: bytes,

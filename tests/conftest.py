@@ -19,13 +19,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import FakeUpstreamServer
+from harness.mirror import StartMirror
 from harness.ports import free_port
 from hypothesis import settings as hypothesis_settings
 from pytest_aiohttp import AiohttpClient
@@ -52,13 +53,10 @@ async def fake_cdn() -> AsyncIterator[FakeUpstreamServer]:
         yield server
 
 
-MirrorFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
-
-
 @pytest.fixture
 def mirror(
     aiohttp_client: AiohttpClient, fake_upstream: FakeUpstreamServer, tmp_path: Path
-) -> MirrorFactory:
+) -> StartMirror:
     """Start the mirror in-process in front of the fake upstream; keyword args are settings."""
 
     async def start(**overrides: object) -> TestClient[web.Request, web.Application]:

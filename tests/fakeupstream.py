@@ -20,8 +20,12 @@ Order in which a request is handled::
 
 Body pipeline (keyed by the digest of the stored content)::
 
-    lie_about_digest -> Range slice -> wrong_content_length -> chunks
-        -> gate / slow between chunks -> truncate (close) / reset_after (RST)
+    ignore_range / ranged_variant -> lie_about_digest -> Range slice -> wrong_content_length
+        -> chunks -> gate / slow between chunks -> truncate (close) / reset_after / cuts (RST)
+
+`truncate`, `reset_after` and `cuts` name a byte of the blob, not of the response: a ranged
+request that starts past a persistent cut gets no byte at all (the link always breaks there),
+while each position in `cuts` breaks only the first response carrying that byte.
 """
 
 from __future__ import annotations
@@ -310,6 +314,13 @@ class FakeRegistry:
         self.truncate: dict[str, int] = {}
         self.wrong_content_length: set[str] = set()
         self.reset_after: dict[str, int] = {}
+        # Blob byte positions, each breaking (RST) the first response that carries that byte.
+        self.cuts: dict[str, list[int]] = {}
+        # Answer Range requests for these digests with the whole body (200).
+        self.ignore_range: set[str] = set()
+        # Answer Range requests for a digest from other bytes with another ETag: the blob
+        # changed upstream (or a part of it is wrong) between the first request and a resume.
+        self.ranged_variant: dict[str, tuple[bytes, str]] = {}
         self.slow: dict[str, float] = {}
         self.gate: dict[str, Gate] = {}
         self.chunk_size = 64 * 1024
@@ -738,6 +749,10 @@ class FakeRegistry:
             "ETag": f'"{digest}"',
         }
         range_header = request.headers.get("Range")
+        if range_header is not None and digest in self.ignore_range:
+            range_header = None
+        if range_header is not None and digest in self.ranged_variant:
+            data, headers["ETag"] = self.ranged_variant[digest]
         span = None
         if range_header is not None:
             try:
@@ -789,6 +804,7 @@ class FakeRegistry:
             mid = total // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
         status = 200
+        base = span[0] if span is not None else 0
         if span is not None:
             first, last = span
             data = data[first : last + 1]
@@ -806,14 +822,21 @@ class FakeRegistry:
             await resp.write_eof()
             return resp
 
-        truncate_at = self.truncate.get(digest)
-        reset_at = self.reset_after.get(digest)
+        truncate_at = _relative(self.truncate.get(digest), base)
+        reset_at = _relative(self.reset_after.get(digest), base)
         cut = min(x for x in (truncate_at, reset_at, len(data)) if x is not None)
         gate = self.gate.get(digest)
         gate_at = gate.after_bytes if gate is not None else None
         delay = self.slow.get(digest)
         sent = 0
         while True:
+            # The first response to reach a one-time cut takes it (a connection closed by the
+            # client before that byte leaves it to the next).
+            once = [p - base for p in self.cuts.get(digest, ()) if sent <= p - base < cut]
+            if once and sent == min(once):
+                self.cuts[digest].remove(base + sent)
+                reset_at = cut = sent
+                break
             if gate is not None and gate_at is not None and sent >= min(gate_at, cut):
                 # A gate past the cut still pauses, so tests can rely on `reached`.
                 if not await self._pause(gate):
@@ -822,7 +845,7 @@ class FakeRegistry:
                 gate_at = None
             if sent >= cut:
                 break
-            end = min(sent + self.chunk_size, cut)
+            end = min(sent + self.chunk_size, cut, *once)
             if gate_at is not None:
                 end = min(end, gate_at)
             await resp.write(data[sent:end])
@@ -872,6 +895,11 @@ class FakeRegistry:
             release.cancel()
             closing.cancel()
         return gate.release.is_set()
+
+
+def _relative(position: int | None, base: int) -> int | None:
+    """A blob byte position as an offset into a response that starts at blob byte `base`."""
+    return None if position is None else max(position - base, 0)
 
 
 def _drop(request: web.BaseRequest, *, flush: bool = False, reset: bool = False) -> None:

@@ -9,7 +9,9 @@ verified, so no client ever receives a complete body with a bad digest. When the
 be written (ENOSPC, EROFS, no room in the budget) the download degrades and its readers carry
 on from the upstream.
 
-What a download needs from the store is `DownloadHost`; where the bytes come from, `Opener`.
+What a download needs from the store is `DownloadHost`; where the bytes come from, `Opener`
+(and, for ranged parts of a large blob, a `RangeOrigin`). How the body is fetched, resumed where
+a connection broke and split over several connections, is `proxy.cache.fetch`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from proxy.cache.fetch import BodyChanged, BodyFetch, FetchPolicy, RangeOrigin
 from proxy.cache.layout import CREATE_FLAGS, FILE_MODE, Layout, remove_unlocked
-from proxy.errors import DigestMismatch, DownloadTimedOut, ErrorCode, RegistryError
+from proxy.errors import (
+    DigestMismatch,
+    DownloadTimedOut,
+    ErrorCode,
+    RegistryError,
+)
 from proxy.oci import Digest
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,14 @@ class BlobSource(Protocol):
 
     @property
     def size(self) -> int | None: ...
+
+    # The response's ETag or Last-Modified, compared when the download resumes.
+    @property
+    def validator(self) -> str | None: ...
+
+    # Whether the upstream takes Range requests for it (a 206, or Accept-Ranges: bytes).
+    @property
+    def accepts_ranges(self) -> bool: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -54,6 +70,7 @@ class DownloadHost(Protocol):
 
     layout: Layout
     download_timeout: float
+    fetch_policy: FetchPolicy
 
     async def reserve(self, size: int) -> int: ...
 
@@ -78,13 +95,24 @@ class State(enum.Enum):
 class Download:
     """One upstream download of one digest into a temporary file, shared by all its readers."""
 
-    def __init__(self, store: DownloadHost, digest: Digest, opener: Opener) -> None:
+    def __init__(
+        self,
+        store: DownloadHost,
+        digest: Digest,
+        opener: Opener,
+        origin: RangeOrigin | None = None,
+    ) -> None:
         self.store = store
         self.digest = digest
         self.opener = opener
+        self.origin = origin
         self.state = State.CONNECTING
         self.size: int | None = None
+        # The contiguous prefix from byte 0 that is on disk and hashed: what readers may have.
         self.written = 0
+        # Bumped when the download starts over on another body: a reader that already has bytes
+        # of the previous one is aborted rather than given a splice.
+        self.generation = 0
         self.error: BaseException | None = None
         self.temp_path = store.layout.temp_path(digest)
         self.final_path = store.layout.blob_path(digest)
@@ -94,9 +122,17 @@ class Download:
         self.ready = asyncio.Event()  # size known, or failed
         self._progress = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self._stream: BlobSource | None = None
         self._reserved = 0
         self._fd = -1
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def advance(self, count: int) -> None:
+        """The prefix grew by `count` bytes, hashed: wake the readers."""
+        self.written += count
+        self._notify()
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -129,23 +165,58 @@ class Download:
             self._finish()
 
     async def _fetch(self) -> None:
-        """Open the upstream body, reserve its size, write it to the temporary file, commit.
+        """Open the upstream body, reserve its size, fetch it into the temporary file, commit.
         What it acquires is kept on the download, for `_finish` to release whatever happens."""
-        self._stream = stream = await self.opener(0)
-        if stream.size is None:
-            raise NotCacheable("upstream did not send the blob's size")
-        self.size = stream.size
-        self._reserved = await self.store.reserve(stream.size)
-        self._fd = self._open_temp()
+        policy = self.store.fetch_policy
+        first = await self.opener(0)
+        try:
+            if first.size is None:
+                raise NotCacheable("upstream did not send the blob's size")
+            self.size = first.size
+            self._reserved = await self.store.reserve(first.size)
+            self._fd = self._open_temp()
+        except BaseException:
+            first.close()
+            raise
         self.state = State.STREAMING
         self.ready.set()
-        await self._write(stream, self._fd)
+        ranges, restarts = True, 0
+        while True:
+            try:
+                await BodyFetch(self, first, self.opener, self.origin, policy, ranges=ranges).run()
+                break
+            except BodyChanged as changed:
+                restarts += 1
+                if restarts > policy.resume_attempts:
+                    raise RegistryError(
+                        ErrorCode.UNAVAILABLE, f"upstream blob changed: {changed.why}", status=502
+                    ) from None
+                log.warning("upstream changed %s mid-download (%s); starting over",
+                            self.digest, changed.why)  # fmt: skip
+                ranges = ranges and changed.ranges
+                self._start_over()
+                await asyncio.sleep(policy.backoff(restarts))
+                first = await self.opener(0)
+                if first.size != self.size:
+                    first.close()
+                    raise DigestMismatch(self.digest, f"upstream sent {first.size} bytes") from None
+        if self.written != self.size:
+            raise DigestMismatch(self.digest, f"{self.written} of {self.size} bytes")
+        if self.hasher.hexdigest() != self.digest.encoded:
+            raise DigestMismatch(self.digest, "digest mismatch")
         await asyncio.to_thread(os.fsync, self._fd)
         self._commit()
 
+    def _start_over(self) -> None:
+        """Forget every byte of the previous body: readers holding some are aborted (see
+        `read`), the others wait for the new body's."""
+        self.generation += 1
+        self.hasher = self.digest.hasher()
+        self.written = 0
+        os.ftruncate(self._fd, 0)
+        self._notify()
+
     def _finish(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
         if self._fd >= 0:
             # Only a file this download created, and under its flock: never another
             # process's download of the same digest.
@@ -173,23 +244,6 @@ class Download:
             os.close(fd)
             raise
         return fd
-
-    async def _write(self, stream: BlobSource, fd: int) -> None:
-        assert self.size is not None
-        async for chunk in stream.chunks():
-            if self.written + len(chunk) > self.size:
-                raise DigestMismatch(self.digest, "more bytes than its Content-Length")
-            view = memoryview(chunk)
-            while view:
-                written = os.write(fd, view)
-                self.hasher.update(view[:written])
-                self.written += written
-                view = view[written:]
-                self._notify()
-        if self.written != self.size:
-            raise DigestMismatch(self.digest, f"{self.written} of {self.size} bytes")
-        if self.hasher.hexdigest() != self.digest.encoded:
-            raise DigestMismatch(self.digest, "digest mismatch")
 
     def _commit(self) -> None:
         assert self.size is not None
@@ -223,9 +277,15 @@ class Download:
         caller continues from upstream.
         """
         fd = self._open_reader()
+        generation = self.generation
         try:
             position = start
             while position <= end:
+                if self.generation != generation and position > start:
+                    raise RegistryError(
+                        ErrorCode.UNAVAILABLE, "upstream blob changed mid-download", status=502
+                    )
+                generation = self.generation
                 available = min(self._verified_or_held_back(), end + 1)
                 if position < available:
                     yield fd, position, available - position

@@ -98,6 +98,9 @@ class Prefetcher:
         self._active: dict[Digest, _Active] = {}
         self._unread: dict[Digest, float] = {}  # prefetched, not read yet: when it landed
         self._connecting = 0  # downloads started, not yet holding their slots
+        # Set when one of ours stops connecting: it may have been counted twice (its slot taken,
+        # itself not yet ready), so the slots are worth another look even with none given back.
+        self._connected = asyncio.Event()
         self._closed = False
 
     # --- what the handlers tell it
@@ -205,6 +208,8 @@ class Prefetcher:
                 await download.ready.wait()  # it holds its slots and its reservation now
             finally:
                 self._connecting -= 1
+                connected, self._connected = self._connected, asyncio.Event()
+                connected.set()
             # Waiting must not cancel the download: clients may be reading it.
             await asyncio.wait([download.task])
         finally:
@@ -223,7 +228,15 @@ class Prefetcher:
     async def _spare_slot(self, upstream: Upstream) -> None:
         """Wait until taking a download slot leaves enough free for clients, in every limit."""
         while (short := self._short_of(upstream)) is not None:
-            await short.released()
+            waits = [
+                asyncio.ensure_future(short.released()),
+                asyncio.ensure_future(self._connected.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     def _short_of(self, upstream: Upstream) -> CountedSlots | None:
         for slots in upstream.download_slots:

@@ -28,6 +28,7 @@ from typing import Final
 
 from proxy.cache.download import Download, NotCacheable, Opener
 from proxy.cache.eviction import Eviction, NoRoom
+from proxy.cache.fetch import DEFAULT_FETCH_POLICY, FetchPolicy, RangeOrigin
 from proxy.cache.index import Entry, Index
 from proxy.cache.layout import Layout, hashes_to, remove_unlocked, write_new_file
 from proxy.errors import DigestMismatch
@@ -63,12 +64,14 @@ class BlobStore:
         *,
         download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
         claims: Callable[[Digest], bool] = _everything,
+        fetch_policy: FetchPolicy = DEFAULT_FETCH_POLICY,
     ) -> None:
         self.layout = Layout(root)
         self.index = Index()
         self.eviction = Eviction(self.index, self.layout, budget)
         self.claims = claims
         self.download_timeout = download_timeout
+        self.fetch_policy = fetch_policy
         self._downloads: dict[Digest, Download] = {}
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -305,12 +308,15 @@ class BlobStore:
 
     # --- downloads (`proxy.cache.download.DownloadHost`)
 
-    def download(self, digest: Digest, opener: Opener) -> tuple[Download, bool]:
-        """The download of `digest` in flight, starting one if none is; True if it is new."""
+    def download(
+        self, digest: Digest, opener: Opener, origin: RangeOrigin | None = None
+    ) -> tuple[Download, bool]:
+        """The download of `digest` in flight, starting one if none is; True if it is new.
+        With an `origin`, a large blob may be fetched in ranged parts (`proxy.cache.fetch`)."""
         existing = self._downloads.get(digest)
         if existing is not None:
             return existing, False
-        download = Download(self, digest, opener)
+        download = Download(self, digest, opener, origin)
         if not self.writable:
             download.degrade(NotCacheable("cache directory is not writable"))
             return download, True

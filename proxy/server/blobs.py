@@ -27,6 +27,7 @@ from proxy.oci import OCTET_STREAM, CacheResult, Digest, Repository
 from proxy.server.keys import ABORTED, BYTES_SENT, CACHE_RESULT
 from proxy.server.ranges import ByteRange, parse_range
 from proxy.upstream.client import Upstream
+from proxy.upstream.ranged import BlobOrigin
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,12 @@ class BlobService:
         if request.method == "HEAD":
             return await self.head_upstream(request, upstream, repository, digest)
 
-        async def opener(offset: int) -> BlobSource:
-            return await upstream.open_blob(repository, digest, offset)
+        origin = BlobOrigin(upstream, repository, digest)
 
-        download, started = self.store.download(digest, opener)
+        async def opener(offset: int) -> BlobSource:
+            return await origin.open(offset)
+
+        download, started = self.store.download(digest, opener, origin)
         result = CacheResult.MISS if started else CacheResult.COALESCED
         with self.store.lease(digest):
             await download.wait_ready()

@@ -54,6 +54,12 @@ class BlobStream:
         self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
         self.offset = offset
         self.size = _total_size(response, offset)
+        # What tells one body from another of the same URL, compared when a download resumes
+        # (RFC 9110 section 8.8); and whether the upstream takes Range requests (section 14.3).
+        self.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        self.accepts_ranges = response.status == HTTPStatus.PARTIAL_CONTENT or (
+            response.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
+        )
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -78,10 +84,16 @@ class BlobStream:
 
 def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
     if response.status == HTTPStatus.PARTIAL_CONTENT:
-        content_range = response.headers.get("Content-Range", "")
-        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
-        return int(match.group(3)) if match else None
+        span = content_range(response)
+        return span[2] if span else None
     return response.content_length
+
+
+def content_range(response: aiohttp.ClientResponse) -> tuple[int, int, int] | None:
+    """First byte, last byte and complete length of a 206 (RFC 9110 section 14.4)."""
+    header = response.headers.get("Content-Range", "")
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", header.strip())
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 def verify_manifest(

@@ -26,6 +26,7 @@ from yarl import URL
 from proxy.config import UpstreamSettings
 from proxy.errors import (
     ErrorCode,
+    RangeIgnored,
     RegistryError,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -35,7 +36,13 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.oci import Digest, MediaType, Reference, Repository, dockerhub
 from proxy.upstream.auth import DEFAULT_TOKEN_LIFETIME, Challenge, TokenTable
-from proxy.upstream.bodies import BlobStream, Manifest, ManifestHead, verify_manifest
+from proxy.upstream.bodies import (
+    BlobStream,
+    Manifest,
+    ManifestHead,
+    content_range,
+    verify_manifest,
+)
 from proxy.upstream.breaker import CircuitBreaker
 from proxy.upstream.quota import Quota
 
@@ -177,9 +184,14 @@ class Upstream:
         return ManifestHead(media_type=media_type, digest=digest, size=response.content_length)
 
     async def open_blob(
-        self, repository: Repository, digest: Digest, offset: int = 0
+        self, repository: Repository, digest: Digest, offset: int = 0, end: int | None = None
     ) -> BlobStream:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        """The blob from byte `offset`, up to byte `end` (exclusive) when given: a resumed
+        download, or one part of a download over several connections. Every open goes through
+        the registry, so a signed CDN URL that expired since the last one is never reused."""
+        headers = {"Range": f"bytes={offset}-{'' if end is None else end - 1}"}
+        if not offset and end is None:
+            headers = {}
         path = f"{self.remote_name(repository)}/blobs/{digest}"
         # A slot in every limit (global, this upstream) is held until the stream is closed.
         held: list[asyncio.Semaphore] = []
@@ -190,8 +202,10 @@ class Upstream:
             response = await self._send("GET", path, repository, headers)
             try:
                 self._raise_for_status(response, ErrorCode.BLOB_UNKNOWN)
-                if offset and response.status != HTTPStatus.PARTIAL_CONTENT:
-                    raise UpstreamUnavailable(self.name, "ignored a Range request")
+                if headers and response.status != HTTPStatus.PARTIAL_CONTENT:
+                    raise RangeIgnored(self.name)
+                if headers and (content_range(response) or (-1,))[0] != offset:
+                    raise RangeIgnored(self.name, "answered another range than asked")
             except RegistryError:
                 response.release()
                 raise

@@ -32,6 +32,7 @@ from prometheus_client import values
 from yarl import URL
 
 from proxy.cache.download import BlobSource
+from proxy.cache.fetch import DEFAULT_FETCH_POLICY, FetchPolicy
 from proxy.cache.layout import hashes_to
 from proxy.cache.store import DEFAULT_DOWNLOAD_TIMEOUT, TOUCH_INTERVAL, BlobStore
 from proxy.metrics import Metrics
@@ -70,10 +71,15 @@ class ShardedStore(BlobStore):
         worker: Worker,
         *,
         download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+        fetch_policy: FetchPolicy = DEFAULT_FETCH_POLICY,
     ) -> None:
         self.worker = worker
         super().__init__(
-            root, budget // worker.count, download_timeout=download_timeout, claims=self.owns
+            root,
+            budget // worker.count,
+            download_timeout=download_timeout,
+            claims=self.owns,
+            fetch_policy=fetch_policy,
         )
 
     def owner_of(self, digest: Digest) -> int:

@@ -82,7 +82,7 @@ async def test_a_slow_upstream_that_keeps_sending_completes_and_is_cached(
     assert hit.body == data
 
 
-async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_and_is_retried(
+async def test_an_upstream_stalling_past_the_read_timeout_is_resumed_where_it_stalled(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
     registry = fake_upstream.registry
@@ -90,7 +90,28 @@ async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_and_
     data = os.urandom(4 * 4096)
     digest = registry.add_blob(data)
     registry.slow[digest] = 5.0  # far more than the read timeout between two chunks
-    client = await mirror(read_timeout=0.3)
+    client = await mirror(read_timeout=0.3, resume_backoff=0.01)
+
+    started = time.monotonic()
+    outcome = await fetch(client, blob_url(digest))
+    assert outcome.status == 200
+    assert outcome.body == data  # each connection brought one chunk before it stalled
+    assert time.monotonic() - started < 4.0
+    ranges = [r.get("Range") for r in registry.requests if digest in r.path]
+    assert ranges == [None, "bytes=4096-", "bytes=8192-", "bytes=12288-"]
+    await settle(client)
+    assert assert_cache_sound(cache_dir(client)).blobs == {digest: len(data)}
+
+
+async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_without_resumes(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
+) -> None:
+    registry = fake_upstream.registry
+    registry.chunk_size = 4096
+    data = os.urandom(4 * 4096)
+    digest = registry.add_blob(data)
+    registry.slow[digest] = 5.0  # far more than the read timeout between two chunks
+    client = await mirror(read_timeout=0.3, resume_attempts=0)
 
     started = time.monotonic()
     outcome = await fetch(client, blob_url(digest))
