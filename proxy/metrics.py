@@ -199,6 +199,9 @@ class Metrics:
         self._store: StoreFigures | None = None
         self._store_gauges: dict[str, Gauge] = {}
         self._store_counters: dict[str, tuple[Counter, int]] = {}
+        self._request_series: dict[
+            tuple[str, str, str, str, str | None], tuple[Histogram, Counter | None]
+        ] = {}
         if merged_from is None:
             ProcessCollector(registry=r)  # per process; meaningless summed over workers
         # Series exist from the start, so the first burst after a restart is a rate, not a jump
@@ -214,6 +217,22 @@ class Metrics:
             self.blob_first_byte.labels(result)
         for reason in PREFETCH_SKIPS:
             self.prefetch_skipped.labels(reason)
+
+    def request_series(
+        self, route: str, method: str, status_class: str, cache: str, kind: str | None
+    ) -> tuple[Histogram, Counter | None]:
+        """The request histogram's child for these labels, and the cache counter's for `kind`
+        (None: not counted), each looked up once: `labels()` takes a lock and builds its key
+        on every call. The label values are bounded, so is this table."""
+        key = (route, method, status_class, cache, kind)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (
+                self.request_duration.labels(route, method, status_class, cache),
+                None if kind is None else self.cache_requests.labels(kind, cache),
+            )
+            self._request_series[key] = series
+        return series
 
     def watch_store(self, store: StoreFigures) -> None:
         """Export the store's figures. Workers each hold a share of the cache: their gauges add

@@ -217,12 +217,27 @@ class Misses:
         return cls(tuple(entries[-cls.MAX :]))
 
 
+def _tag_list(value: Any) -> list[str]:
+    return [str(tag) for tag in value] if isinstance(value, list) else []
+
+
 class TagCache:
-    """A thin, failure-tolerant layer over an aiocache backend.
+    """A thin, failure-tolerant layer over an aiocache backend, with decoded entries in front.
 
     A broken backend (Redis down) must not fail pulls: every error is logged and treated as
     a cache miss, and the mirror keeps answering from the upstream.
+
+    A tag hit reads two entries (its 404s and its answers). Through aiocache each read costs a
+    task, a timeout, its plugins and a JSON decode: most of a hit's time. So every entry read or
+    written here is also kept decoded in this process, absent ones too. With the in-process
+    backend that copy is exact, every write passing through here; with a shared one (Redis) it
+    is trusted for `SHARED_LOCAL_SECONDS`, so what another replica writes shows that much later.
     """
+
+    SHARED_LOCAL_SECONDS: ClassVar[float] = 1.0
+    # Entries kept decoded, at most (keys come from client requests); past it the copy starts
+    # over, it is only a copy.
+    LOCAL_MAX: ClassVar[int] = 100_000
 
     def __init__(
         self, backend: Any, *, stale_ttl: float, negative_ttl: float, shared: bool = False
@@ -230,6 +245,8 @@ class TagCache:
         self.backend = backend
         self.stale_ttl = stale_ttl
         self.negative_ttl = negative_ttl
+        self.local_seconds = self.SHARED_LOCAL_SECONDS if shared else math.inf
+        self._local: dict[str, tuple[float, Any]] = {}  # key -> (until, decoded value)
         # A backend other replicas read too also carries manifest bodies, so a tag resolved by
         # one replica costs the others no upstream GET (Docker Hub counts GETs as pulls).
         self.shared = shared
@@ -268,8 +285,9 @@ class TagCache:
             await self._call("set", f"manifest:{digest}", encoded, ttl=int(self.stale_ttl))
 
     async def answers(self, upstream: str, repository: str, tag: str) -> TagAnswers:
-        value = await self._call("get", f"tag:{upstream}/{repository}:{tag}")
-        return TagAnswers.from_json(value)
+        key = f"tag:{upstream}/{repository}:{tag}"
+        answers: TagAnswers = await self._read(key, TagAnswers.from_json)
+        return answers
 
     async def get(
         self, upstream: str, repository: str, tag: str, types: frozenset[str]
@@ -293,9 +311,8 @@ class TagCache:
         if new_tag:
             tags = await self.tags(upstream, repository)
             if tag not in tags:
-                await self._call(
-                    "set", f"repo:{upstream}/{repository}", [*tags, tag], ttl=int(self.stale_ttl)
-                )
+                key, value = f"repo:{upstream}/{repository}", [*tags, tag]
+                await self._write(key, value, value, self.stale_ttl)
 
     async def refused(
         self, upstream: str, repository: str, tag: str, types: frozenset[str]
@@ -310,8 +327,8 @@ class TagCache:
 
     async def tags(self, upstream: str, repository: str) -> list[str]:
         """Tags of a repository that were ever resolved here (and not yet expired)."""
-        value = await self._call("get", f"repo:{upstream}/{repository}")
-        return [str(tag) for tag in value] if isinstance(value, list) else []
+        tags: list[str] = await self._read(f"repo:{upstream}/{repository}", _tag_list)
+        return tags
 
     async def resolutions(self, upstream: str, repository: str, tag: str) -> list[Resolution]:
         return list(await self.answers(upstream, repository, tag))
@@ -328,29 +345,29 @@ class TagCache:
         return count
 
     async def forget(self, upstream: str, repository: str, tag: str) -> None:
-        await self._call("delete", f"tag:{upstream}/{repository}:{tag}")
+        await self._drop(f"tag:{upstream}/{repository}:{tag}")
 
     async def _drop_contradicted_misses(
         self, upstream: str, repository: str, tag: str, answers: TagAnswers
     ) -> None:
         """A 404 remembered for a set that now has an answer is over; others stand."""
         key = f"missing:{upstream}/{repository}:{tag}"
-        value = await self._call("get", key)
-        if value is None:
+        misses: Misses = await self._read(key, Misses.from_json)
+        if not misses:
             return
-        misses = Misses.from_json(value)
         standing = misses.without(lambda types: answers.choose(types) is not None)
         if not standing:
-            await self._call("delete", key)
+            await self._drop(key)
         elif len(standing) != len(misses):
             ttl = max(math.ceil(max(until for _, until in standing.entries) - time.time()), 1)
-            await self._call("set", key, standing.to_json(), ttl=ttl)
+            await self._write(key, standing.to_json(), standing, ttl)
 
     async def is_missing(
         self, upstream: str, repository: str, tag: str, types: frozenset[str]
     ) -> bool:
-        value = await self._call("get", f"missing:{upstream}/{repository}:{tag}")
-        return Misses.from_json(value).covers(types, now=time.time())
+        key = f"missing:{upstream}/{repository}:{tag}"
+        misses: Misses = await self._read(key, Misses.from_json)
+        return bool(misses) and misses.covers(types, now=time.time())
 
     async def put_missing(
         self, upstream: str, repository: str, tag: str, types: frozenset[str]
@@ -359,16 +376,39 @@ class TagCache:
             return
         key = f"missing:{upstream}/{repository}:{tag}"
         now = time.time()
-        misses = Misses.from_json(await self._call("get", key))
+        misses: Misses = await self._read(key, Misses.from_json)
         misses = misses.add(types, until=now + self.negative_ttl, now=now)
-        await self._call("set", key, misses.to_json(), ttl=max(math.ceil(self.negative_ttl), 1))
+        await self._write(key, misses.to_json(), misses, max(math.ceil(self.negative_ttl), 1))
 
     async def close(self) -> None:
         await self._call("close")
 
     async def _store(self, upstream: str, repository: str, tag: str, answers: TagAnswers) -> None:
         key = f"tag:{upstream}/{repository}:{tag}"
-        await self._call("set", key, answers.to_json(), ttl=int(self.stale_ttl))
+        await self._write(key, answers.to_json(), answers, self.stale_ttl)
+
+    async def _read(self, key: str, decode: Callable[[Any], Any]) -> Any:
+        now = time.monotonic()
+        entry = self._local.get(key)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        value = decode(await self._call("get", key))
+        # Absent ones too: most tags have no remembered 404, read on every hit.
+        self._keep(key, value, now + self.local_seconds)
+        return value
+
+    async def _write(self, key: str, value: Any, decoded: Any, ttl: float) -> None:
+        self._keep(key, decoded, time.monotonic() + min(ttl, self.local_seconds))
+        await self._call("set", key, value, ttl=int(ttl))
+
+    async def _drop(self, key: str) -> None:
+        self._local.pop(key, None)
+        await self._call("delete", key)
+
+    def _keep(self, key: str, decoded: Any, until: float) -> None:
+        if len(self._local) >= self.LOCAL_MAX:
+            self._local.clear()
+        self._local[key] = (until, decoded)
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:

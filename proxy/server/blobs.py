@@ -61,6 +61,7 @@ class Transfer:
 
     # sendfile in pieces, so a client that stops reading is noticed within `send_timeout`.
     PIECE = 16 * 1024 * 1024
+    COPY_PIECE = 1024 * 1024
 
     def __init__(
         self,
@@ -93,6 +94,10 @@ class Transfer:
         if transport is None:
             raise ClientGone(ConnectionResetError())
         loop = asyncio.get_running_loop()
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop has no loop.sendfile: through memory, as aiohttp's FileResponse does then.
+            await self._copy_file(fd, offset, count)
+            return
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
             end = offset + count
             while offset < end:
@@ -111,6 +116,16 @@ class Transfer:
     async def write(self, chunk: bytes) -> None:
         await send_chunk(self.response, chunk, self.send_timeout)
         self._sent(len(chunk))
+
+    async def _copy_file(self, fd: int, offset: int, count: int) -> None:
+        end = offset + count
+        while offset < end:
+            # One piece from the page cache takes microseconds; sending it is what waits.
+            piece = os.pread(fd, min(self.COPY_PIECE, end - offset), offset)
+            if not piece:
+                raise OSError(f"cache file ended at byte {offset} of {end}")
+            await self.write(piece)
+            offset += len(piece)
 
 
 class BlobServing(Protocol):

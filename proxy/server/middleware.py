@@ -31,6 +31,7 @@ __all__ = ["Handler", "Middleware", "error_response", "observe", "render_errors"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CACHE_RESULTS: Final = frozenset(CacheResult)
+_STATUS_CLASSES: Final = {n: f"{n}xx" for n in range(1, 6)}
 
 
 @web.middleware
@@ -48,11 +49,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.get(keys.ROUTE, "other")
         metrics = request.app[keys.METRICS]
         method = request.method if request.method in METHODS else "other"
-        metrics.request_duration.labels(route, method, f"{status // 100}xx", cache).observe(
-            duration
+        kind = request.get(keys.CACHE_KIND) if cache in CACHE_RESULTS else None
+        histogram, counter = metrics.request_series(
+            route, method, _status_class(status), cache, kind
         )
-        if keys.CACHE_KIND in request and cache in CACHE_RESULTS:
-            metrics.cache_requests.labels(request[keys.CACHE_KIND], cache).inc()
+        histogram.observe(duration)
+        if counter is not None:
+            counter.inc()
         sent = _bytes_sent(request, response)
         if (traffic := request.app.get(keys.TRAFFIC)) is not None and status < 400:
             traffic.record(request, sent)  # the admin API's top repositories
@@ -93,15 +96,16 @@ def _log_access(
     }
     if aborted is not None:
         fields["abort_cause"] = aborted
-    access_log.log(
-        level,
-        "%s %s %s%s",
-        request.method,
-        request.path_qs,
-        status,
-        cut_short,
-        extra={"access": fields},
+    # Logger.log less its caller lookup (a walk up the stack), once per request.
+    args = (request.method, request.path_qs, status, cut_short)
+    record = access_log.makeRecord(
+        access_log.name, level, __file__, 0, "%s %s %s%s", args, None, extra={"access": fields}
     )
+    access_log.handle(record)
+
+
+def _status_class(status: int) -> str:
+    return _STATUS_CLASSES.get(status // 100) or f"{status // 100}xx"
 
 
 def _cache_label(request: web.Request, status: int) -> str:

@@ -28,6 +28,7 @@ from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any, Final
 
+import uvloop
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -184,7 +185,8 @@ def serve(
     and its own Unix socket for relays). `handler_args` go to aiohttp's request handler (its
     parser limits).
     """
-    asyncio.run(_serve(app, host, port, sockets, ssl_context, shutdown_timeout, handler_args))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(app, host, port, sockets, ssl_context, shutdown_timeout, handler_args))
 
 
 async def _serve(

@@ -76,6 +76,7 @@ def supervise(
                 _die_with_parent()
                 code = run_worker(Worker(index, count, run_dir), sock)
             finally:
+                logging.shutdown()  # the log writer thread writes out what it holds
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)

@@ -110,9 +110,14 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
 # Debian's merged /usr: these top-level names are symlinks into /usr.
 _MERGED_USR = ("bin", "sbin", "lib", "lib64")
-# Compiled wheels (bcrypt's Rust extension) link libgcc_s, which every Debian base image
-# (python:3.12-slim included) has but no standard-library module needs.
-GCC_RUNTIME = sorted(Path("/usr/lib").glob("*-linux-gnu/libgcc_s.so.1"))
+# Compiled wheels link libraries every Debian base image (python:3.12-slim included) has but
+# no standard-library module needs: libgcc_s (bcrypt's Rust extension), and glibc's librt,
+# libpthread and libdl (uvloop's libuv).
+C_RUNTIME = sorted(
+    path
+    for name in ("libgcc_s.so.1", "librt.so.1", "libpthread.so.0", "libdl.so.2")
+    for path in Path("/usr/lib").glob(f"*-linux-gnu/{name}")
+)
 _SKIP_STDLIB = ("/config-3.", "/test/", "/idlelib/", "/tkinter/", "/turtledemo/", "/lib2to3/")
 
 
@@ -142,7 +147,7 @@ def _python_files(python: Path) -> tuple[str, Iterator[Path]]:
         for path in Path("/usr/share/python-wheels").glob("*.whl"):
             yield path
         extensions = [interpreter, *stdlib.glob("lib-dynload/*.so")]
-        libraries = _shared_libraries(extensions) | set(GCC_RUNTIME)
+        libraries = _shared_libraries(extensions) | set(C_RUNTIME)
         for library in sorted(libraries):
             yield library
             yield library.resolve()
