@@ -48,6 +48,8 @@ from proxy.upstream.routing import CountedSlots
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE: Final = 1024
+# Manifests whose blob lists are kept parsed; past it the table starts over.
+PARSED_MAX: Final = 4096
 # A prefetched blob no client has read yet is kept from prefetch's own evictions this long.
 UNREAD_PROTECTION: Final = 600.0
 
@@ -102,10 +104,13 @@ class Prefetcher:
         # itself not yet ready), so the slots are worth another look even with none given back.
         self._connected = asyncio.Event()
         self._closed = False
+        self._parsed: dict[Digest, tuple[tuple[Digest, int], ...]] = {}
 
     # --- what the handlers tell it
 
-    def image_served(self, upstream: Upstream, repository: Repository, body: bytes) -> int:
+    def image_served(
+        self, upstream: Upstream, repository: Repository, manifest: Digest, body: bytes
+    ) -> int:
         """A manifest was served: queue its config and layers that are not cached; how many."""
         if (
             self._closed
@@ -113,16 +118,8 @@ class Prefetcher:
             or not self.settings.prefetch_for(upstream.settings)
         ):
             return 0
-        try:
-            document = manifest_document(body)
-            if not is_image_manifest(document):
-                return 0  # an index: its platform manifest, asked for by digest, will say
-            blobs = image_blobs(document)
-        except RegistryError:
-            return 0
         queued = 0
-        for blob in blobs:
-            digest = blob.digest
+        for digest, size in self._blobs_of(manifest, body):
             if (
                 digest in self._queued
                 or digest in self.store
@@ -133,7 +130,7 @@ class Prefetcher:
             if len(self._queue) >= self.queue_size:
                 self._skipped("queue_full")
                 continue
-            self._queue.append(_Job(upstream, repository, digest, blob.size))
+            self._queue.append(_Job(upstream, repository, digest, size))
             self._queued.add(digest)
             queued += 1
         while self._queue and len(self._workers) < self.settings.prefetch_concurrency:
@@ -141,6 +138,23 @@ class Prefetcher:
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
         return queued
+
+    def _blobs_of(self, manifest: Digest, body: bytes) -> tuple[tuple[Digest, int], ...]:
+        """The config and layers of an image manifest (none for an index: its platform
+        manifest, asked for by digest, will say), parsed once per manifest: a hot tag's
+        manifest is served thousands of times a second."""
+        blobs = self._parsed.get(manifest)
+        if blobs is None:
+            try:
+                document = manifest_document(body)
+                image = is_image_manifest(document)
+                blobs = tuple((b.digest, b.size) for b in image_blobs(document)) if image else ()
+            except RegistryError:
+                blobs = ()
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[manifest] = blobs
+        return blobs
 
     def read(self, digest: Digest) -> None:
         """A client asked for a blob: if prefetch fetched it (or is fetching it), it paid."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -118,6 +119,15 @@ def run(settings: Settings) -> int:
         settings.cache_dir,
         settings.cache_max_size,
     )
+    cpus = len(os.sched_getaffinity(0))
+    if settings.workers == 1 and cpus > 1:
+        # One worker stays the default: a container's CPU limit is not what this process can
+        # see, and every worker takes a share of the cache budget. The operator knows both.
+        logging.getLogger(PROG).warning(
+            "serving with 1 worker process on a machine with %d CPUs: set workers (--workers, "
+            "REGISTRY_PROXY_WORKERS) to the CPUs this mirror may use to answer more requests",
+            cpus,
+        )
     if settings.workers > 1:
         try:
             return supervise(

@@ -144,7 +144,9 @@ async def _manifest(
         return web.Response(status=304, headers=headers)
     if answer.body is not None:
         # Its blobs are what this client asks for next (proxy.cache.prefetch).
-        request.app[keys.PREFETCH].image_served(upstream, api.repository, answer.body)
+        request.app[keys.PREFETCH].image_served(
+            upstream, api.repository, answer.digest, answer.body
+        )
     if answer.body is None:
         response = web.StreamResponse(headers=headers)
         response.content_length = answer.size
