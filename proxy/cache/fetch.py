@@ -211,29 +211,22 @@ class BodyFetch:
                 if part.end == self.size:
                     raise DigestMismatch(self.download.digest, "more bytes than its Content-Length")
                 chunk = chunk[:room]  # the first part reads a whole-body stream up to its end
-            view = memoryview(chunk)
-            while view:
-                offset = part.position
-                written = os.pwrite(fd, view, offset)
-                part.position += written
-                await self._landed(offset, view[:written])
-                view = view[written:]
+            offset, download = part.position, self.download
+            # Bytes that extend the verified prefix are hashed as they are written, both in a
+            # thread (hashlib and pwrite release the GIL): the loop goes on reading the socket.
+            hasher = download.hasher if offset == download.written else None
+            if self._catching_up:
+                hasher = None
+            await _off_loop(_write, fd, chunk, offset, hasher)
+            part.position += len(chunk)
+            if hasher is not None and hasher is download.hasher:
+                download.advance(len(chunk))
+            if self._frontier() > download.written:
+                await self._catch_up()
             if part.position >= part.end:
                 return
         if part.position < part.end:
             raise ShortBody()
-
-    async def _landed(self, offset: int, view: memoryview) -> None:
-        """Bytes written at `offset`: hash them now when they extend the prefix, else hash
-        forward over whatever the later parts have on disk once the prefix reaches them."""
-        download = self.download
-        if self._catching_up:
-            return
-        if offset == download.written:
-            download.hasher.update(view)
-            download.advance(len(view))
-        if self._frontier() > download.written:
-            await self._catch_up()
 
     def _frontier(self) -> int:
         """Where the bytes on disk stop being contiguous from the start of the blob."""
@@ -252,12 +245,33 @@ class BodyFetch:
             while (frontier := self._frontier()) > download.written:
                 count = min(frontier - download.written, HASH_SLICE)
                 hasher = download.hasher
-                await asyncio.to_thread(_hash_range, hasher, download.fd, download.written, count)
+                await _off_loop(_hash_range, hasher, download.fd, download.written, count)
                 if hasher is not download.hasher:
                     return  # the download started over meanwhile
                 download.advance(count)
         finally:
             self._catching_up = False
+
+
+async def _off_loop(work: Callable[..., None], *args: Any) -> None:
+    """Run `work` in a thread and wait for it even when cancelled: it writes to the download's
+    file descriptor, which must not be closed (and its number reused) while it does."""
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        raise
+
+
+def _write(fd: int, chunk: bytes, offset: int, hasher: Any) -> None:
+    view = memoryview(chunk)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        offset += written
+        view = view[written:]
+    if hasher is not None:
+        hasher.update(chunk)
 
 
 def _hash_range(hasher: Any, fd: int, offset: int, count: int) -> None:
