@@ -40,7 +40,8 @@ from typing import Final
 
 import bcrypt
 
-from proxy.config import AccessRule, read_htpasswd, read_tokens
+from proxy.config import AccessRule
+from proxy.config.values import read_htpasswd, read_tokens
 from proxy.errors import ErrorCode, RegistryError
 
 log = logging.getLogger(__name__)

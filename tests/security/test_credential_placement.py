@@ -17,7 +17,8 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.config import ConfigError, Secret, UpstreamSettings, load_settings
+from proxy.config import ConfigError, Secret, UpstreamSettings
+from proxy.config.load import load_settings
 from proxy.upstream.client import Upstream
 
 
