@@ -154,7 +154,8 @@ class Settings:
     max_downloads: int = 64
     max_downloads_per_upstream: int = 32
     max_blob_size: int | None = None
-    # The largest manifest (or referrers index) read from an upstream; the spec's 4 MiB.
+    # The largest manifest (or referrers index) read from an upstream. Registries should accept
+    # manifests of at least 4 MiB (OCI distribution spec 1.1, "Pushing Manifests").
     max_manifest_size: int = 4 * 1024 * 1024
     send_timeout: float = 300.0
     max_header_size: int = 8190

@@ -105,7 +105,7 @@ def test_which_token_realms_receive_the_configured_credentials(
         password=Secret("p"),
         token_realm_hosts=("gitlab.example",),
     )
-    assert Upstream(settings).may_send_credentials_to(URL(realm)) is allowed
+    assert Upstream(settings).auth.may_send_credentials_to(URL(realm)) is allowed
 
 
 def test_token_realm_hosts_is_an_upstream_setting(tmp_path: Path) -> None:
