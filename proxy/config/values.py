@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
@@ -213,13 +213,10 @@ def parse(key: str, parser: Callable[[str], Any], value: Any) -> Any:
 
 def read_htpasswd(path: Path) -> dict[str, bytes]:
     users = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for where, line in _entries(path):
         user, sep, hashed = line.partition(":")
         if not sep or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ValueError(f"{path}:{number}: only bcrypt entries are supported (htpasswd -B)")
+            raise ValueError(f"{where}: only bcrypt entries are supported (htpasswd -B)")
         users[user] = hashed.encode()
     return users
 
@@ -227,12 +224,17 @@ def read_htpasswd(path: Path) -> dict[str, bytes]:
 def read_tokens(path: Path) -> dict[str, str]:
     """`name token` per line; the name is what logs and allow-lists call the client."""
     tokens = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for where, line in _entries(path):
         name, _, token = line.partition(" ")
         if not token.strip():
-            raise ValueError(f"{path}:{number}: expected 'name token'")
+            raise ValueError(f"{where}: expected 'name token'")
         tokens[token.strip()] = name
     return tokens
+
+
+def _entries(path: Path) -> Iterator[tuple[str, str]]:
+    """The lines of an auth file that say something, with `path:number` for messages."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield f"{path}:{number}", line
