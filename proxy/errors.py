@@ -12,8 +12,9 @@ HTTP status, in one place (`proxy.server.middleware.render_errors`)::
     +-- DigestMismatch                502: the upstream's bytes do not hash to their digest
     +-- DownloadTimedOut              504: a blob download into the cache took too long
 
-Foreign exceptions (aiohttp's, OSError) are translated where they arise (`proxy.upstream.client`,
-`proxy.cache.download`), so nothing above those modules handles them. Pure values, no I/O.
+Foreign exceptions (aiohttp's, OSError) are translated where they arise
+(`proxy.upstream.transport`, `proxy.cache.download`), so nothing above those modules handles
+them. Pure values, no I/O.
 """
 
 from __future__ import annotations

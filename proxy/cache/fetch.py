@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from proxy.config import Settings
 from proxy.errors import DigestMismatch, RangeIgnored, RegistryError
 
 if TYPE_CHECKING:
@@ -41,10 +42,10 @@ MIN_PART: Final = MiB
 class FetchPolicy:
     """How a blob body is fetched: the resume and parallel-download settings."""
 
-    resume_attempts: int = 4
-    resume_backoff: float = 0.25
-    parallel_threshold: int = 64 * MiB
-    parallel_parts: int = 4
+    resume_attempts: int = Settings.resume_attempts
+    resume_backoff: float = Settings.resume_backoff
+    parallel_threshold: int = Settings.parallel_download_threshold
+    parallel_parts: int = Settings.parallel_download_parts
 
     def parts(self, size: int, *, ranges: bool) -> list[Part]:
         """The byte ranges of a blob of `size` bytes: one, unless it is large and the upstream

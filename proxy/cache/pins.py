@@ -27,6 +27,7 @@ from proxy.errors import ErrorCode, RegistryError
 from proxy.oci import Digest, ImageReference, Repository, Tag
 from proxy.oci.dockerhub import DOCKER_HUB
 from proxy.oci.media import image_blobs, index_children, is_index, manifest_document
+from proxy.tasks import in_background
 from proxy.upstream.client import Upstream
 from proxy.upstream.routing import Upstreams
 
@@ -86,13 +87,8 @@ class PinResolver:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Resolve the pins in the background while the block runs."""
-        task = asyncio.create_task(self.run(), name="pin resolver")
-        try:
+        async with in_background(self.run(), "pin resolver"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def run(self) -> None:
         """Resolve the pins now and again every `refresh` seconds; runs until cancelled."""

@@ -31,6 +31,7 @@ from proxy.cache.eviction import Eviction, NoRoom
 from proxy.cache.fetch import DEFAULT_FETCH_POLICY, FetchPolicy, RangeOrigin
 from proxy.cache.index import Entry, Index
 from proxy.cache.layout import Layout, hashes_to, remove_unlocked, write_new_file
+from proxy.config import Settings
 from proxy.errors import DigestMismatch
 from proxy.oci import Digest
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 # Refresh a hit's mtime (the recency that survives a restart) at most this often.
 TOUCH_INTERVAL: Final = 60.0
 SMALL_LIMIT: Final = 4 * 1024 * 1024
-DEFAULT_DOWNLOAD_TIMEOUT: Final = 3600.0
+DEFAULT_DOWNLOAD_TIMEOUT: Final = Settings.download_timeout
 
 
 @dataclass(frozen=True, slots=True)

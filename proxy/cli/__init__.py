@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.cli import cache, serve, warm
-from proxy.config import ENV_PREFIX, ConfigError, load_settings
+from proxy.config import ENV_PREFIX, ConfigError
+from proxy.config.load import load_settings
 
 PROG = "registry-proxy"
 

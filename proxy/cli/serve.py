@@ -7,10 +7,10 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from proxy.app import create_app
-from proxy.config import ENV_PREFIX, Settings
+from proxy.config import DOCKER_HUB_URL, ENV_PREFIX, Settings
 from proxy.ops.logging import configure_logging
 from proxy.server import runner
 from proxy.server.tls import CertificateReloader
@@ -18,6 +18,49 @@ from proxy.workers.sharding import relay_socket
 from proxy.workers.supervisor import SINGLE, Worker, supervise
 
 PROG = "registry-proxy"
+
+
+def _size(count: int) -> str:
+    """A byte count as the settings write it: 50GiB."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if count % 1024**power == 0:
+            return f"{count // 1024**power}{unit}"
+    return str(count)
+
+
+_DEFAULTS: Final = Settings()
+
+# (flag, metavar, help): every value is a string the settings parse (`proxy.config.load`);
+# the defaults shown are `Settings`' own.
+_FLAGS: Final = (
+    ("--listen", "HOST:PORT",
+     f"address to serve on (default {_DEFAULTS.listen_host}:{_DEFAULTS.listen_port})"),
+    ("--upstream", "URL", f"registry to mirror (default {DOCKER_HUB_URL}, i.e. Docker Hub)"),
+    ("--upstream-username", "NAME", "upstream account name"),
+    ("--upstream-password-file", "FILE",
+     f"file holding the upstream password or token (or set {ENV_PREFIX}UPSTREAM_PASSWORD)"),
+    ("--cache-dir", "DIR", f"where cached blobs live (default {_DEFAULTS.cache_dir})"),
+    ("--cache-max-size", "SIZE", "hard budget for cached bytes, e.g. 50GiB, 500MB "
+     f"(default {_size(_DEFAULTS.cache_max_size)})"),
+    ("--log-level", "LEVEL",
+     f"debug, info, warning, error or critical (default {_DEFAULTS.log_level})"),
+    ("--log-format", "FORMAT", "json (one object per line, the default) or text"),
+    ("--metrics-listen", "HOST:PORT",
+     "serve /metrics on this address instead of --listen (/healthz and /readyz answer on both)"),
+    ("--admin-listen", "HOST:PORT",
+     "serve the admin API (cache stats, invalidate, evict, pins) here (default: off)"),
+    ("--admin-token-file", "FILE", "bearer token the admin API requires"),
+    ("--workers", "N",
+     f"worker processes on one port and one cache directory (default {_DEFAULTS.workers})"),
+    ("--tls-cert", "FILE", "serve HTTPS with this PEM certificate"),
+    ("--tls-key", "FILE", "the PEM private key for --tls-cert"),
+    ("--connect-timeout", "SECONDS",
+     f"upstream connect timeout (default {_DEFAULTS.connect_timeout:g})"),
+    ("--read-timeout", "SECONDS",
+     f"upstream read timeout between bytes (default {_DEFAULTS.read_timeout:g})"),
+    ("--download-timeout", "SECONDS", "limit for one whole blob download into the cache "
+     f"(default {_DEFAULTS.download_timeout:g})"),
+)  # fmt: skip
 
 
 def add_command(commands: Any) -> None:
@@ -37,76 +80,8 @@ def add_command(commands: Any) -> None:
         metavar="FILE",
         help=f"TOML settings file (or set {ENV_PREFIX}CONFIG)",
     )
-    serve.add_argument(
-        "--listen", metavar="HOST:PORT", help="address to serve on (default 0.0.0.0:5000)"
-    )
-    serve.add_argument(
-        "--upstream",
-        metavar="URL",
-        help="registry to mirror (default https://registry-1.docker.io, i.e. Docker Hub)",
-    )
-    serve.add_argument("--upstream-username", metavar="NAME", help="upstream account name")
-    serve.add_argument(
-        "--upstream-password-file",
-        metavar="FILE",
-        help=f"file holding the upstream password or token (or set {ENV_PREFIX}UPSTREAM_PASSWORD)",
-    )
-    serve.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        help="where cached blobs live (default /var/cache/registry-proxy)",
-    )
-    serve.add_argument(
-        "--cache-max-size",
-        metavar="SIZE",
-        help="hard budget for cached bytes, e.g. 50GiB, 500MB (default 50GiB)",
-    )
-    serve.add_argument(
-        "--log-level",
-        metavar="LEVEL",
-        help="debug, info, warning, error or critical (default info)",
-    )
-    serve.add_argument(
-        "--log-format",
-        metavar="FORMAT",
-        help="json (one object per line, the default) or text",
-    )
-    serve.add_argument(
-        "--metrics-listen",
-        metavar="HOST:PORT",
-        help=(
-            "serve /metrics on this address instead of --listen "
-            "(/healthz and /readyz answer on both)"
-        ),
-    )
-    serve.add_argument(
-        "--admin-listen",
-        metavar="HOST:PORT",
-        help="serve the admin API (cache stats, invalidate, evict, pins) here (default: off)",
-    )
-    serve.add_argument(
-        "--admin-token-file", metavar="FILE", help="bearer token the admin API requires"
-    )
-    serve.add_argument(
-        "--workers",
-        metavar="N",
-        help="worker processes on one port and one cache directory (default 1)",
-    )
-    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
-    serve.add_argument("--tls-key", metavar="FILE", help="the PEM private key for --tls-cert")
-    serve.add_argument(
-        "--connect-timeout", metavar="SECONDS", help="upstream connect timeout (default 5)"
-    )
-    serve.add_argument(
-        "--read-timeout",
-        metavar="SECONDS",
-        help="upstream read timeout between bytes (default 60)",
-    )
-    serve.add_argument(
-        "--download-timeout",
-        metavar="SECONDS",
-        help="limit for one whole blob download into the cache (default 3600)",
-    )
+    for flag, metavar, text in _FLAGS:
+        serve.add_argument(flag, metavar=metavar, help=text)
 
 
 def run(settings: Settings) -> int:
@@ -128,19 +103,14 @@ def run(settings: Settings) -> int:
             "REGISTRY_PROXY_WORKERS) to the CPUs this mirror may use to answer more requests",
             cpus,
         )
-    if settings.workers > 1:
-        try:
+    try:
+        if settings.workers > 1:
             return supervise(
                 settings.workers,
                 settings.cache_dir / "run",
                 (settings.listen_host, settings.listen_port),
                 lambda worker, sock: run_worker(settings, worker, sock),
             )
-        except OSError as exc:
-            print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",
-                  file=sys.stderr)  # fmt: skip
-            return 1
-    try:
         return run_worker(settings, SINGLE, None)
     except OSError as exc:
         print(f"{PROG}: cannot serve on {settings.listen_host}:{settings.listen_port}: {exc}",

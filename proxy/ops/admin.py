@@ -36,6 +36,7 @@ from proxy.errors import RegistryError
 from proxy.oci import Digest, Repository
 from proxy.oci.references import ImageReference, InvalidReference
 from proxy.server import keys
+from proxy.server.operator import side_listener
 from proxy.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,9 @@ async def listening(mirror: web.Application) -> AsyncIterator[None]:
     if address is None:
         yield
         return
-    runner = web.AppRunner(create_admin_app(mirror), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, address[0], address[1]).start()
+    async with side_listener(web.AppRunner(create_admin_app(mirror), access_log=None), address):
         log.info("admin API on %s:%d", *address)
         yield
-    finally:
-        await runner.cleanup()
 
 
 def create_admin_app(mirror: web.Application) -> web.Application:

@@ -24,8 +24,6 @@ everything; with rules, an identity pulls only what a rule naming it (or `*`) al
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -40,13 +38,15 @@ from typing import Final
 
 import bcrypt
 
-from proxy.config import AccessRule, read_htpasswd, read_tokens
+from proxy.config import AccessRule
+from proxy.config.values import read_htpasswd, read_tokens
 from proxy.errors import ErrorCode, RegistryError
+from proxy.upstream.auth import Scheme, basic_challenge, basic_credentials
 
 log = logging.getLogger(__name__)
 
 ANONYMOUS: Final = "anonymous"
-CHALLENGE: Final = {"WWW-Authenticate": 'Basic realm="registry-proxy"'}
+CHALLENGE: Final = {"WWW-Authenticate": basic_challenge("registry-proxy")}
 # bcrypt is slow on purpose; a verified password is remembered briefly so a pull of 30 layers
 # does not cost 30 bcrypt checks, and a wrong one so a retrying client does not cost one each.
 VERIFIED_TTL: Final = 300.0
@@ -137,9 +137,9 @@ class AccessControl:
             return ANONYMOUS
         scheme, _, credentials = (authorization or "").strip().partition(" ")
         identity: str | None = None
-        if scheme.lower() == "basic":
+        if scheme.lower() == Scheme.BASIC:
             identity = await self._check_basic(credentials.strip(), source or "")
-        elif scheme.lower() == "bearer":
+        elif scheme.lower() == Scheme.BEARER:
             identity = self._check_token(credentials.strip())
         if identity is None:
             raise RegistryError(
@@ -160,8 +160,8 @@ class AccessControl:
 
     async def _check_basic(self, credentials: str, source: str) -> str | None:
         try:
-            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, password = basic_credentials(credentials)
+        except ValueError:
             return None
         if not self.passwords:
             return None  # no users at all: nothing to tell apart by timing

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Final
 
 from proxy.metrics import Metrics
+from proxy.tasks import in_background
 
 # The event loop counts as stuck (not ready) when a 1 s timer fires this late.
 MAX_LOOP_LAG: Final = 2.0
@@ -68,13 +69,8 @@ class HealthMonitor:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run())
-        try:
+        async with in_background(self.run(), "health monitor"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def cache_writable(directory: Path) -> str:

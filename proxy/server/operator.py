@@ -88,10 +88,16 @@ async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
     operator[keys.UPSTREAMS] = app[keys.UPSTREAMS]
     operator[keys.HEALTH] = app[keys.HEALTH]
     add_operator_routes(operator)
-    runner = MirrorRunner(operator, access_log=None)
+    async with side_listener(MirrorRunner(operator, access_log=None), address):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def side_listener(runner: web.BaseRunner, address: tuple[str, int]) -> AsyncIterator[None]:
+    """Serve `runner`'s app on its own address while the block runs (metrics, admin API)."""
     await runner.setup()
-    await web.TCPSite(runner, address[0], address[1]).start()
     try:
+        await web.TCPSite(runner, address[0], address[1]).start()
         yield
     finally:
         await runner.cleanup()

@@ -40,6 +40,7 @@ from proxy.cache.provenance import Provenance
 from proxy.errors import UpstreamError
 from proxy.oci import BlobPath, Digest, ManifestPath, MediaType, ReferrersPath, RepositoryPath
 from proxy.server.guard import refusal
+from proxy.upstream.auth import Scheme, basic_credentials
 from proxy.upstream.client import Upstream
 
 FRESH: Final = 60.0
@@ -60,17 +61,17 @@ def client_credentials(authorization: str | None) -> str | None:
     """
     scheme, _, value = (authorization or "").strip().partition(" ")
     value = value.strip()
-    if scheme.lower() == "bearer" and value.startswith(TOKEN_PREFIX):
+    if scheme.lower() == Scheme.BEARER and value.startswith(TOKEN_PREFIX):
         try:
             raw = base64.urlsafe_b64decode(_padded(value.removeprefix(TOKEN_PREFIX)))
         except (binascii.Error, ValueError):
             return None
         value = base64.b64encode(raw).decode("ascii")
-    elif scheme.lower() != "basic":
+    elif scheme.lower() != Scheme.BASIC:
         return None
     try:
-        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        user, password = basic_credentials(value)
+    except ValueError:
         return None
     if not user and not password:
         return None

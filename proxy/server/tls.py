@@ -8,7 +8,6 @@ undisturbed. A bad pair is logged and the old one kept: a typo must not take the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import ssl
@@ -16,6 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+
+from proxy.tasks import in_background
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,6 @@ class CertificateReloader:
         """An aiohttp cleanup context: SIGHUP and file watching while the app runs."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        task = asyncio.create_task(self.watch())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with in_background(self.watch(), "TLS certificate watch"):
+            yield
         loop.remove_signal_handler(signal.SIGHUP)

@@ -34,7 +34,7 @@ from yarl import URL
 from proxy.cache.download import BlobSource
 from proxy.cache.fetch import DEFAULT_FETCH_POLICY, FetchPolicy
 from proxy.cache.layout import hashes_to
-from proxy.cache.store import DEFAULT_DOWNLOAD_TIMEOUT, TOUCH_INTERVAL, BlobStore
+from proxy.cache.store import DEFAULT_DOWNLOAD_TIMEOUT, SMALL_LIMIT, TOUCH_INTERVAL, BlobStore
 from proxy.metrics import Metrics
 from proxy.oci import CacheResult, Digest, Repository
 from proxy.server.blobs import BlobService, abort_transfer, send_chunk
@@ -105,7 +105,7 @@ class ShardedStore(BlobStore):
         finally:
             os.close(fd)
 
-    def read_small(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes | None:
+    def read_small(self, digest: Digest, limit: int = SMALL_LIMIT) -> bytes | None:
         """Another worker's manifests too: a manifest is small enough to hash each time."""
         if self.owns(digest):
             return super().read_small(digest, limit)

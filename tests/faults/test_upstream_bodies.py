@@ -138,13 +138,13 @@ async def test_clients_inventing_repository_names_cannot_grow_the_token_table(
     fake_upstream.registry.auth = "bearer"
     client = await mirror()
     upstream = client.app[state.UPSTREAMS].default
-    upstream._tokens.capacity = 8  # the real cap is 1024; the rule is the same
+    upstream.auth.tokens.capacity = 8  # the real cap is 1024; the rule is the same
     for index in range(40):
         outcome = await fetch(client, f"/v2/invented/name-{index}/manifests/latest")
         assert outcome.status == 404
-    assert len(upstream._tokens) == 8
+    assert len(upstream.auth.tokens) == 8
     issued = fake_upstream.registry.tokens_issued
     # The known repository still works, with a token of its own.
     assert (await fetch(client, f"/v2/{REPOSITORY}/manifests/1.0")).status == 200
     assert fake_upstream.registry.tokens_issued == issued + 1
-    assert len(upstream._tokens) == 8
+    assert len(upstream.auth.tokens) == 8

@@ -12,6 +12,7 @@
 - ``push``:      pushing them over the distribution API;
 - ``skopeo``:    pulling with skopeo, in an environment where nothing leaves the machine;
 - ``verify``:    checking that what a client pulled hashes to its names.
+- ``filesystems``: ``tmpfs``, a real small (or read-only) filesystem for disk-full tests.
 
 The in-process fake registry is ``tests/fakeupstream.py``; the fixtures are in the conftest
 files, ``tests/conftest.py`` for every test.

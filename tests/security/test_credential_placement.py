@@ -17,7 +17,8 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.config import ConfigError, Secret, UpstreamSettings, load_settings
+from proxy.config import ConfigError, Secret, UpstreamSettings
+from proxy.config.load import load_settings
 from proxy.upstream.client import Upstream
 
 
@@ -104,7 +105,7 @@ def test_which_token_realms_receive_the_configured_credentials(
         password=Secret("p"),
         token_realm_hosts=("gitlab.example",),
     )
-    assert Upstream(settings).may_send_credentials_to(URL(realm)) is allowed
+    assert Upstream(settings).auth.may_send_credentials_to(URL(realm)) is allowed
 
 
 def test_token_realm_hosts_is_an_upstream_setting(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy import cli
-from proxy.config import ConfigError, Settings, UpstreamSettings, load_settings
+from proxy.config import ConfigError, Settings, UpstreamSettings
+from proxy.config.load import load_settings
 from proxy.errors import RegistryError
 from proxy.server import keys as state
 from proxy.upstream.routing import DYNAMIC_IDLE, MAX_DYNAMIC_UPSTREAMS, Upstreams

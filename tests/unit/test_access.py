@@ -11,7 +11,8 @@ from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.config import AccessRule, ConfigError, UpstreamSettings, load_settings
+from proxy.config import AccessRule, ConfigError, UpstreamSettings
+from proxy.config.load import load_settings
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -21,7 +21,8 @@ from harness.ports import free_port
 from rich.console import Console
 from yarl import URL
 
-from proxy.cli.warm import Platform, warm_images
+from proxy.cli.warm import warm_images
+from proxy.cli.warmer import Platform
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest
 from proxy.oci.references import ImageReference

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import FakeUpstreamServer, Gate
+from harness.filesystems import tmpfs
 from harness.mirror import StartMirror
 
 from proxy.cache.store import BlobStore
@@ -200,25 +198,11 @@ async def test_a_blob_larger_than_the_budget_is_streamed_through(
     assert Digest.parse(digest) not in store_of(client)
 
 
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
-    """A real tmpfs of `size`, so ENOSPC and EROFS come from the kernel, not from a mock."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs for disk-full tests needs root (CI runs as root)")
-    path.mkdir()
-    options = f"size={size}" + (",ro" if read_only else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 async def test_a_full_disk_mid_download_still_delivers_the_whole_blob(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
     digest, data = add_blob(fake_upstream, 3 * 1024 * 1024)
-    with small_filesystem(tmp_path / "tiny", "1m") as cache_dir:
+    with tmpfs(tmp_path / "tiny", "1m") as cache_dir:
         client = await mirror(cache_dir=cache_dir)
         response = await client.get(blob_path(digest))
         assert response.status == 200
@@ -233,7 +217,7 @@ async def test_a_read_only_cache_dir_degrades_to_pass_through(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
     digest, data = add_blob(fake_upstream, 200_000)
-    with small_filesystem(tmp_path / "ro", "1m", read_only=True) as cache_dir:
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as cache_dir:
         client = await mirror(cache_dir=cache_dir)
         for header, body in ((None, data), ("bytes=100-199", data[100:200])):
             headers = {"Range": header} if header else {}

@@ -10,14 +10,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.config import (
-    ConfigError,
-    Secret,
-    Settings,
-    UpstreamSettings,
-    load_settings,
-    parse_size,
-)
+from proxy.config import ConfigError, Secret, Settings, UpstreamSettings
+from proxy.config.load import load_settings
+from proxy.config.values import parse_size
 
 NO_ENV: dict[str, str] = {}
 

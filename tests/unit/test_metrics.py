@@ -9,11 +9,9 @@ here awaits that log line before reading a metric: an event, never a sleep.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer, Gate
+from harness.filesystems import tmpfs
 from harness.mirror import StartMirror
 from harness.ports import free_port
 
@@ -126,19 +125,6 @@ async def pull_blob(client: Client, digest: str, log: AccessLog) -> aiohttp.Clie
     assert response.status == 200
     await finish_download(client, digest)
     return response
-
-
-@contextlib.contextmanager
-def read_only_filesystem(path: Path) -> Iterator[Path]:
-    """A real read-only tmpfs, so EROFS comes from the kernel, not from a mock."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a read-only tmpfs needs root (CI runs as root)")
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +428,7 @@ async def test_readyz_is_200_and_the_ready_gauge_1_with_a_writable_cache(
 async def test_readyz_is_503_and_the_ready_gauge_0_when_the_cache_dir_is_read_only(
     mirror: StartMirror, access_log: AccessLog, tmp_path: Path
 ) -> None:
-    with read_only_filesystem(tmp_path / "ro") as cache_dir:
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as cache_dir:
         client = await mirror(cache_dir=cache_dir)
         response, body = await fetch(client, "/readyz", access_log)
         await client.close()

@@ -14,7 +14,8 @@ from harness.mirror import StartMirror
 from yarl import URL
 
 from proxy.cache.store import BlobStore
-from proxy.config import ConfigError, UpstreamSettings, load_settings
+from proxy.config import ConfigError, UpstreamSettings
+from proxy.config.load import load_settings
 from proxy.oci import Digest
 from proxy.server import keys
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_settings
+from proxy.config.load import load_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # The mirror's own config files; client configuration (containerd, registries.conf) is

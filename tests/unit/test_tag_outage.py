@@ -28,7 +28,7 @@ from fakeupstream import (
 from harness.mirror import StartMirror
 from yarl import URL
 
-from proxy.cli.warm import ACCEPT as WARM_ACCEPT
+from proxy.cli.warmer import ACCEPT as WARM_ACCEPT
 from proxy.config import UpstreamSettings
 from proxy.server import keys as state
 

@@ -21,14 +21,8 @@ from harness.mirror import StartMirror, proxy_command
 from rich.console import Console
 from yarl import URL
 
-from proxy.cli.warm import (
-    ImageReport,
-    Platform,
-    binary_size,
-    print_summary,
-    read_references,
-    warm_images,
-)
+from proxy.cli.warm import binary_size, print_summary, read_references, warm_images
+from proxy.cli.warmer import ImageReport, Platform
 from proxy.config import UpstreamSettings
 from proxy.oci import Digest
 from proxy.oci.references import ImageReference, InvalidReference
