@@ -61,7 +61,7 @@ class Transfer:
 
     # sendfile in pieces, so a client that stops reading is noticed within `send_timeout`.
     PIECE = 16 * 1024 * 1024
-    COPY_PIECE = 1024 * 1024
+    COPY_PIECE = 256 * 1024
 
     def __init__(
         self,
