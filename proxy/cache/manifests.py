@@ -30,7 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from proxy.cache.store import BlobStore
-from proxy.cache.tags import Resolution, TagCache
+from proxy.cache.tag_answers import Resolution
+from proxy.cache.tags import TagCache
 from proxy.config import Settings
 from proxy.errors import ErrorCode, RegistryError, UpstreamError, UpstreamRefused
 from proxy.oci import (

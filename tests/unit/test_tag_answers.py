@@ -11,7 +11,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.cache.tags import Misses, Resolution, TagAnswers
+from proxy.cache.tag_answers import Misses, Resolution, TagAnswers
 from proxy.oci import MediaType, accepted_media_types, manifest_types
 
 OCI_MANIFEST = MediaType.OCI_MANIFEST
