@@ -27,7 +27,6 @@ from proxy.oci.media import (
     Descriptor,
     MediaType,
     accepted_media_types,
-    accepts,
     manifest_media_type,
     manifest_types,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "TagsPath",
     "Unsupported",
     "accepted_media_types",
-    "accepts",
     "manifest_media_type",
     "manifest_types",
     "parse_api_path",

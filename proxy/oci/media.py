@@ -71,16 +71,6 @@ def accepted_media_types(accept_lines: list[str]) -> frozenset[str]:
     return frozenset(types)
 
 
-def accepts(accepted: frozenset[str], media_type: str) -> bool:
-    """Whether a client accepting `accepted` may be handed `media_type`.
-
-    No Accept header means the client takes what it is given, as with Distribution.
-    """
-    if not accepted or "*/*" in accepted or media_type in accepted:
-        return True
-    return media_type.split("/", 1)[0] + "/*" in accepted
-
-
 def manifest_types(accepted: frozenset[str]) -> frozenset[str]:
     """The manifest media types a client admits: all a tag's answer may depend on.
 
