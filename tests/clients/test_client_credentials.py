@@ -133,7 +133,8 @@ def auth_file(path: Path, mirror: Mirror, password: str) -> Path:
 
 def refusals(mirror: Mirror, path: str) -> list[dict[str, object]]:
     """The mirror's access log entries that answered `path` with 401."""
-    entries = [json.loads(line) for line in mirror.log_text().splitlines() if line.startswith("{")]
+    lines = mirror.settled_log().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
     return [e for e in entries if e.get("path") == path and e.get("status") == 401]
 
 

@@ -162,10 +162,10 @@ def test_every_client_pulls_a_warmed_image_while_the_upstream_refuses_connection
     image = publish(outage.hub, "library/outage-refused", "latest")
     outage.warm("outage-refused:latest")
     outage.hub.stop()
-    before = len(tag_answers(outage.mirror.log_text(), "outage-refused"))
+    before = len(tag_answers(outage.mirror.settled_log(), "outage-refused"))
 
     pull_with_every_client(outage, containerd, "outage-refused", image, tmp_path)
-    during = tag_answers(outage.mirror.log_text(), "outage-refused")[before:]
+    during = tag_answers(outage.mirror.settled_log(), "outage-refused")[before:]
     assert len(during) >= 4  # one tag request per client at least
     assert set(during) == {(200, "stale")}
 
@@ -176,14 +176,14 @@ def test_every_client_pulls_a_warmed_image_while_the_upstream_is_black_holed(
     image = publish(outage.hub, "library/outage-black-hole", "latest")
     outage.warm("outage-black-hole:latest")
     outage.hub.stop()
-    before = len(tag_answers(outage.mirror.log_text(), "outage-black-hole"))
+    before = len(tag_answers(outage.mirror.settled_log(), "outage-black-hole"))
 
     with BlackHole(outage.hub.port) as black_hole:
         started = time.monotonic()
         pull_with_every_client(outage, containerd, "outage-black-hole", image, tmp_path)
         elapsed = time.monotonic() - started
         assert black_hole.accepted.is_set()  # the mirror did try the upstream
-    during = tag_requests(outage.mirror.log_text(), "outage-black-hole")[before:]
+    during = tag_requests(outage.mirror.settled_log(), "outage-black-hole")[before:]
     assert len(during) >= 4
     assert {(status, cache) for status, cache, _ in during} == {(200, "stale")}
     # Each tag answer within revalidate_timeout (plus scheduling slack on a busy machine).

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import http.client
 import sys
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Self
@@ -23,6 +26,8 @@ from harness.ports import free_port
 from harness.processes import Service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# How long the mirror's log writer may take to write a line out (it batches every 10 ms).
+LOG_SETTLE_SECONDS = 10.0
 
 # The ``mirror`` fixture of tests/conftest.py: ``await mirror(**settings)`` starts the app
 # in-process in front of the fake upstream and returns a test client for it.
@@ -96,6 +101,26 @@ class Mirror(Service):
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def settled_log(self, timeout: float = LOG_SETTLE_SECONDS) -> str:
+        """The log once every line for requests answered before this call is in it.
+
+        The mirror's log writer batches lines in a thread, in order; so a marker request
+        (a ping, logged at info) is sent, and the log is read until the marker's line is there.
+        """
+        marker = f"log-marker-{uuid.uuid4().hex}"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request("GET", f"/v2/?{marker}")
+            connection.getresponse().read()  # 200, or 401 when it challenges: logged alike
+        finally:
+            connection.close()
+        deadline = time.monotonic() + timeout
+        while (text := self.log_text()).find(marker) < 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mirror did not log {marker} within {timeout} s")
+            time.sleep(0.02)  # polling a file for a line known to come
+        return text
 
     def command(self) -> list[str]:
         if self.config is not None:
