@@ -33,6 +33,7 @@ from proxy.server.guard import ProvenanceGuard
 from proxy.server.health import HealthMonitor
 from proxy.server.middleware import Middleware, observe, render_errors
 from proxy.server.passthrough import UpstreamAccessCheck
+from proxy.server.prepared import PreparedAnswers
 from proxy.server.traffic import RepositoryTraffic
 from proxy.upstream.routing import Upstreams
 from proxy.workers.sharding import (
@@ -157,6 +158,9 @@ def _provide(
         store, manifests, upstreams, settings.pins, refresh=settings.pin_refresh
     )
     app[keys.TRAFFIC] = RepositoryTraffic()
+    # Who asks matters once access is controlled: then every request goes the whole way.
+    open_to_all = not (access.enabled or access.rules or passing)
+    app[keys.PREPARED] = PreparedAnswers(tags, upstreams, enabled=open_to_all)
     metrics.watch_store(store)
 
 

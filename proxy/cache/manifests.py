@@ -24,6 +24,7 @@ A tag request, in order:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,10 @@ class ManifestAnswer:
     size: int
     body: bytes | None  # None answers a HEAD
     cache: CacheResult
+    # Until when (time.time()) the same request gets the same answer, as long as the tag cache
+    # has not changed since `generation`; 0: not to be reused (proxy.server.prepared).
+    fresh_until: float = 0.0
+    generation: int | None = None
 
 
 class ManifestService:
@@ -72,7 +77,11 @@ class ManifestService:
     ) -> ManifestAnswer:
         body, media_type, result = await self._manifest_bytes(upstream, repository, digest)
         assert body is not None
-        return ManifestAnswer(media_type, digest, len(body), None if head else body, result)
+        # Bytes by digest never change: a hit is the answer for good.
+        until = math.inf if result is CacheResult.HIT else 0.0
+        return ManifestAnswer(
+            media_type, digest, len(body), None if head else body, result, fresh_until=until
+        )
 
     async def _manifest_bytes(
         self,
@@ -118,17 +127,22 @@ class ManifestService:
                 ErrorCode.MANIFEST_UNKNOWN, "the Accept header admits no manifest media type"
             )
         names = (upstream.name, repository.name, tag.name)
+        generation = self.tags.generation  # what follows is read from this state of the cache
         if await self.tags.is_missing(*names, types):
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"manifest unknown upstream ({tag})")
         answers = await self.tags.answers(*names)
         known = answers.choose(types)
         ttl = self.settings.tag_ttl_for(upstream.settings, tag.name)
-        fresh = known is not None and time.time() - known.checked < ttl
+        now = time.time()
+        fresh = known is not None and now - known.checked < ttl
         # With the upstream's quota low (proxy.upstream.quota), a cached tag is served as it is
         # (STALE) rather than spend a request on its freshness.
         if known is not None and (fresh or upstream.quota.saving):
             result = CacheResult.HIT if fresh else CacheResult.STALE
             answer = await self._from_resolution(upstream, repository, known, head, result)
+            if answer is not None and fresh:
+                until = min(known.checked + ttl, now + self.tags.local_seconds)
+                return replace(answer, fresh_until=until, generation=generation)
             if answer is not None:
                 return answer
 

@@ -66,6 +66,8 @@ class TagCache:
         self.negative_ttl = negative_ttl
         self.local_seconds = self.SHARED_LOCAL_SECONDS if shared else math.inf
         self._local: dict[str, tuple[float, Any]] = {}  # key -> (until, decoded value)
+        # Counts this process's writes: an answer read at one generation holds while it lasts.
+        self.generation = 0
         # A backend other replicas read too also carries manifest bodies, so a tag resolved by
         # one replica costs the others no upstream GET (Docker Hub counts GETs as pulls).
         self.shared = shared
@@ -217,10 +219,12 @@ class TagCache:
         return value
 
     async def _write(self, key: str, value: Any, decoded: Any, ttl: float) -> None:
+        self.generation += 1
         self._keep(key, decoded, time.monotonic() + min(ttl, self.local_seconds))
         await self._call("set", key, value, ttl=int(ttl))
 
     async def _drop(self, key: str) -> None:
+        self.generation += 1
         self._local.pop(key, None)
         await self._call("delete", key)
 

@@ -1,12 +1,15 @@
 """Log setup: JSON lines (access log lines carry their fields at the top level) or text.
 
 Every record is handed to one writer thread (`BackgroundHandler`), which formats it and writes
-whatever has arrived in one `write`: a line per request costs the event loop only the record
-itself, never JSON encoding or a write to stderr that a slow log pipe could block.
+whatever has arrived in one `write`: a slow log pipe never blocks the event loop. The access log,
+a line per request, skips the record: with the JSON format and no other handler in the way
+(`direct_lines`), the line is made where the request ends and only written by the thread, which
+then holds the interpreter lock for almost nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -14,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -28,25 +32,30 @@ class JsonFormatter(logging.Formatter):
         self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self._time(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
         access = getattr(record, "access", None)
         if isinstance(access, dict):
-            entry.update(access)
-        else:
-            entry["message"] = record.getMessage()
+            return self.access_line(record.created, record.levelname, record.name, access)
+        entry: dict[str, Any] = {
+            "time": self._time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
-    def _time(self, record: logging.LogRecord) -> str:
+    def access_line(self, created: float, level: str, logger: str, fields: dict[str, Any]) -> str:
+        """An access log line: the usual three fields, then the request's own."""
+        head = {"time": self._time(created), "level": level.lower(), "logger": logger}
+        return json.dumps(head | fields, default=str)
+
+    def _time(self, created: float) -> str:
         # strftime is a good part of a line's cost, and lines come many to a second.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
-            self._second, self._stamp = second, self.formatTime(record, TIME_FORMAT)
+            self._stamp = time.strftime(TIME_FORMAT, self.converter(created))
+            self._second = second
         return self._stamp
 
 
@@ -64,16 +73,24 @@ class BackgroundHandler(logging.Handler):
     def __init__(self, target: logging.StreamHandler[Any]) -> None:
         super().__init__()
         self.target = target
+        # Lines held elsewhere (DirectLines), to go out before a record and at close.
+        self.before_record: Callable[[], None] | None = None
         self._start()
         os.register_at_fork(after_in_child=self._start)
 
     def _start(self) -> None:
-        self.queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[logging.LogRecord | str | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self.thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.before_record is not None:
+            self.before_record()
         self.queue.put(record)  # formatted by the thread: records are not changed once made
+
+    def emit_line(self, line: str) -> None:
+        """A line formatted already (with its newline), written in turn with the records."""
+        self.queue.put(line)
 
     def _write(self) -> None:
         formatter = self.target.formatter or logging.Formatter()
@@ -87,6 +104,9 @@ class BackgroundHandler(logging.Handler):
             for record in batch:
                 if record is None:
                     break
+                if isinstance(record, str):
+                    lines.append(record)
+                    continue
                 try:
                     lines.append(formatter.format(record) + "\n")
                 except Exception:  # one bad record must not stop the log
@@ -98,10 +118,57 @@ class BackgroundHandler(logging.Handler):
                 return
 
     def close(self) -> None:
+        if self.before_record is not None:
+            self.before_record()
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
         super().close()
+
+
+class DirectLines:
+    """Access log lines made on the spot and handed to the writer thread as text, what one
+    event loop made within `BackgroundHandler.BATCH_SECONDS` in one piece: the thread then
+    wakes once a batch, not once a line, and the two take the interpreter lock from each other
+    that much less. A record logged meanwhile, or the log closing, hands them over first, so
+    lines stay in order."""
+
+    def __init__(self, handler: BackgroundHandler, formatter: JsonFormatter) -> None:
+        self.handler = handler
+        self.formatter = formatter
+        self._pending: list[str] = []
+        self._lock = threading.Lock()  # records may come from other threads
+        handler.before_record = self.flush
+
+    def write(self, level: int, logger: str, fields: dict[str, Any]) -> None:
+        line = self.formatter.access_line(time.time(), logging.getLevelName(level), logger, fields)
+        with self._lock:
+            self._pending.append(line + "\n")
+            first = len(self._pending) == 1
+        if first:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to wait on: now
+                self.flush()
+                return
+            loop.call_later(self.handler.BATCH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._pending = self._pending, []
+        if lines:
+            self.handler.emit_line("".join(lines))
+
+
+_direct: DirectLines | None = None
+
+
+def direct_lines(logger: logging.Logger) -> DirectLines | None:
+    """Where `logger`'s lines may go as text: only while the log is ours (`configure_logging`,
+    JSON) and no handler was added on `logger` itself (as tests do to collect records)."""
+    if _direct is None or logger.handlers or _direct.handler not in logging.root.handlers:
+        return None
+    return _direct
 
 
 def configure_logging(level: str, log_format: str) -> None:
@@ -114,7 +181,11 @@ def configure_logging(level: str, log_format: str) -> None:
     for previous in root.handlers:
         if isinstance(previous, BackgroundHandler):
             previous.close()  # its thread writes out what it holds, then ends
-    root.handlers[:] = [BackgroundHandler(handler)]
+    background = BackgroundHandler(handler)
+    root.handlers[:] = [background]
+    global _direct
+    formatter = handler.formatter
+    _direct = DirectLines(background, formatter) if isinstance(formatter, JsonFormatter) else None
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from proxy.server.guard import ProvenanceGuard
     from proxy.server.health import HealthMonitor
     from proxy.server.passthrough import UpstreamAccessCheck
+    from proxy.server.prepared import PreparedAnswers
     from proxy.server.traffic import RepositoryTraffic
     from proxy.upstream.routing import Upstreams
 
@@ -44,6 +45,7 @@ HEALTH: Final[web.AppKey[HealthMonitor]] = web.AppKey("health")
 PINS: Final[web.AppKey[PinResolver]] = web.AppKey("pins")
 TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
 PREFETCH: Final[web.AppKey[Prefetcher]] = web.AppKey("prefetch")
+PREPARED: Final[web.AppKey[PreparedAnswers]] = web.AppKey("prepared")
 
 # --- what a request was (set by handlers, read by the observe middleware)
 ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers
@@ -51,6 +53,7 @@ CACHE_KIND: Final = web.RequestKey("cache_kind", str)  # blob | manifest | tag
 # How the cache answered (hit, miss, ...): a value the handler sets, never a header read back.
 CACHE_RESULT: Final[web.RequestKey[CacheResult]] = web.RequestKey("cache_result")
 UPSTREAM: Final = web.RequestKey("upstream", str)
+REPOSITORY: Final = web.RequestKey("repository", str)  # upstream/name, for the admin API's top
 IDENTITY: Final = web.RequestKey("identity", str)  # who authenticated, or "anonymous"
 BYTES_SENT: Final = web.RequestKey("bytes_sent", int)  # sendfile bypasses aiohttp's own count
 # Why a body was cut short after its status line went out: client | upstream | mirror.

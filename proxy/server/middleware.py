@@ -17,6 +17,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.errors import ErrorCode, RegistryError
 from proxy.oci import CacheResult
+from proxy.ops.logging import direct_lines
 from proxy.server import keys
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def _log_access(
     }
     if aborted is not None:
         fields["abort_cause"] = aborted
+    if (direct := direct_lines(access_log)) is not None:
+        direct.write(level, access_log.name, fields)
+        return
     # Logger.log less its caller lookup (a walk up the stack), once per request.
     args = (request.method, request.path_qs, status, cut_short)
     record = access_log.makeRecord(
@@ -115,10 +119,11 @@ def _cache_label(request: web.Request, status: int) -> str:
 
 
 def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> int:
-    if keys.BYTES_SENT in request:
-        return request[keys.BYTES_SENT]
-    if isinstance(response, web.Response) and response.body is not None:
-        return len(response.body) if isinstance(response.body, bytes | bytearray) else 0
+    sent: int | None = request.get(keys.BYTES_SENT)
+    if sent is not None:
+        return sent
+    if isinstance(response, web.Response) and isinstance(body := response.body, bytes):
+        return len(body)
     return 0
 
 

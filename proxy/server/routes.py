@@ -27,6 +27,8 @@ from proxy.oci import (
     parse_api_path,
 )
 from proxy.server import keys, passthrough
+from proxy.server.access import ANONYMOUS
+from proxy.server.prepared import Prepared
 from proxy.server.taglist import TagQuery
 from proxy.upstream.client import Upstream
 from proxy.upstream.routing import is_registry_host
@@ -37,6 +39,8 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 
 async def registry_api(request: web.Request) -> web.StreamResponse:
     """Every `/v2/...` request: one parser picks the endpoint; bad names never reach a route."""
+    if (prepared := request.app[keys.PREPARED].get(request)) is not None:
+        return _repeat(request, prepared)
     raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
     access = request.app[keys.ACCESS]
     identity = await access.authenticate(request.headers.get("Authorization"), request.remote)
@@ -49,6 +53,7 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     request[keys.ROUTE] = api.endpoint
     if isinstance(api, Ping | Unsupported) or request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
+    request[keys.REPOSITORY] = f"{upstream.name}/{api.repository.name}"
     access.authorize(identity, upstream.name, api.repository.name)
     if upstream.settings.pass_client_credentials:
         # The upstream in this client's name, for this request and what it starts.
@@ -131,6 +136,7 @@ async def _manifest(
         accept = request.headers.getall("Accept", [])
         answer = await manifests.by_tag(upstream, api.repository, api.reference, accept, head=head)
     request[keys.CACHE_RESULT] = answer.cache
+    kind = request[keys.CACHE_KIND]
     etag = f'"{answer.digest}"'
     headers = {
         "Content-Type": answer.media_type,
@@ -142,16 +148,38 @@ async def _manifest(
         headers["Warning"] = '110 registry-proxy "Response is Stale"'
     if etag in request.headers.getall("If-None-Match", []):
         return web.Response(status=304, headers=headers)
+    request.app[keys.PREPARED].keep(request, upstream, api.repository, answer, headers, kind)
     if answer.body is not None:
         # Its blobs are what this client asks for next (proxy.cache.prefetch).
         request.app[keys.PREFETCH].image_served(
             upstream, api.repository, answer.digest, answer.body
         )
-    if answer.body is None:
+    return _manifest_response(headers, answer.body, answer.size)
+
+
+def _repeat(request: web.Request, prepared: Prepared) -> web.StreamResponse:
+    """A manifest hit answered before (proxy.server.prepared), noted as the first one was."""
+    request[keys.IDENTITY] = ANONYMOUS
+    request[keys.UPSTREAM] = prepared.upstream.name
+    request[keys.REPOSITORY] = prepared.repository_key
+    request[keys.ROUTE] = ManifestPath.endpoint
+    request[keys.CACHE_KIND] = prepared.kind
+    request[keys.CACHE_RESULT] = CacheResult.HIT
+    if prepared.body is not None:
+        request.app[keys.PREFETCH].image_served(
+            prepared.upstream, prepared.repository, prepared.digest, prepared.body
+        )
+    return _manifest_response(prepared.headers, prepared.body, prepared.size)
+
+
+def _manifest_response(
+    headers: dict[str, str], body: bytes | None, size: int
+) -> web.StreamResponse:
+    if body is None:  # a HEAD: the length of what a GET would send
         response = web.StreamResponse(headers=headers)
-        response.content_length = answer.size
+        response.content_length = size
         return response
-    return web.Response(body=answer.body, headers=headers)
+    return web.Response(body=body, headers=headers)
 
 
 async def _tags(request: web.Request, upstream: Upstream, api: TagsPath) -> web.StreamResponse:

@@ -15,9 +15,7 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import RegistryError
-from proxy.oci import BlobPath, ManifestPath, parse_api_path
-from proxy.server.keys import ROUTE, UPSTREAM
+from proxy.server.keys import REPOSITORY, ROUTE
 
 DEFAULT_CAPACITY: Final = 1000
 COUNTED_ROUTES: Final = frozenset({"manifest", "blob"})
@@ -49,18 +47,9 @@ class RepositoryTraffic:
 
     def record(self, request: web.Request, count: int) -> None:
         """Count a finished manifest or blob response (the observe middleware calls this)."""
-        if request.get(ROUTE) not in COUNTED_ROUTES or UPSTREAM not in request:
-            return
-        upstream = request[UPSTREAM]
-        tail = request.rel_url.raw_path.removeprefix("/v2/")
-        if "ns" not in request.query:
-            tail = tail.removeprefix(f"{upstream}/")
-        try:
-            api = parse_api_path(tail)
-        except RegistryError:
-            return
-        if isinstance(api, ManifestPath | BlobPath):
-            self.add(f"{upstream}/{api.repository.name}", count)
+        repository = request.get(REPOSITORY)  # noted by the handler once the path parsed
+        if repository is not None and request.get(ROUTE) in COUNTED_ROUTES:
+            self.add(repository, count)
 
     def top(self, limit: int) -> list[tuple[str, Served]]:
         ranked = sorted(self._served.items(), key=lambda item: item[1].bytes, reverse=True)

@@ -70,6 +70,10 @@ class Upstreams:
         """The operator's upstreams, without those made up on demand."""
         return list(self._by_name.values())
 
+    def is_configured(self, upstream: Upstream) -> bool:
+        """Whether `upstream` is one of the operator's (it lasts as long as the mirror)."""
+        return self._by_name.get(upstream.name) is upstream
+
     def _make(self, upstream: UpstreamSettings, *, dynamic: bool = False) -> Upstream:
         # Configured upstreams may be anywhere; on-demand ones only where the policy permits.
         policy = self.egress.dynamic if dynamic else ANY_ADDRESS

@@ -1,0 +1,100 @@
+"""The log as a process writes it (proxy.ops.logging): access lines made directly read exactly as
+the formatter writes a record, in order with other records."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.ops.logging import BackgroundHandler, configure_logging, direct_lines
+
+ACCESS = "registry_proxy.access"
+FIELDS = {
+    "remote": "127.0.0.1",
+    "method": "GET",
+    "path": '/v2/team/app/manifests/1.0?odd="quote"',
+    "route": "manifest",
+    "status": 200,
+    "bytes": 949,
+    "aborted": False,
+    "duration_ms": 0.25,
+    "cache": "hit",
+    "upstream": "fake",
+    "identity": "anonymous",
+    "user_agent": "containerd/2.0 \u2603",
+}
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The process's logging set up as `serve` does, writing here instead of stderr; then put
+    back as pytest had it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("info", "json")
+    written = io.StringIO()
+    background = root.handlers[0]
+    assert isinstance(background, BackgroundHandler)
+    background.target.setStream(written)
+    try:
+        yield written
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_direct_line_reads_as_a_record_formatted_would(json_log: io.StringIO) -> None:
+    access = logging.getLogger(ACCESS)
+    direct = direct_lines(access)
+    assert direct is not None
+    direct.write(logging.INFO, ACCESS, FIELDS)  # no event loop here: handed over at once
+    access.info("the same through a record", extra={"access": FIELDS})
+    logging.getLogger().handlers[0].close()
+
+    made, recorded = lines(json_log.getvalue())
+    made.pop("time"), recorded.pop("time")
+    assert made == recorded == {"level": "info", "logger": ACCESS, **FIELDS}
+
+
+def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
+    json_log: io.StringIO,
+) -> None:
+    access = logging.getLogger(ACCESS)
+
+    async def requests() -> None:
+        direct = direct_lines(access)
+        assert direct is not None
+        for status in (200, 404, 500):
+            direct.write(logging.INFO, ACCESS, {**FIELDS, "status": status})
+
+    asyncio.run(requests())  # the batch's timer never fires: the loop is gone
+    logging.getLogger("registry_proxy.other").warning("last")
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, BackgroundHandler)
+    handler.close()
+
+    written = lines(json_log.getvalue())
+    assert [entry.get("status") for entry in written] == [200, 404, 500, None]
+    assert written[-1]["message"] == "last"
+
+
+def test_a_handler_of_its_own_on_the_access_logger_gets_records(json_log: io.StringIO) -> None:
+    access = logging.getLogger(ACCESS)
+    listener = logging.NullHandler()
+    access.addHandler(listener)
+    try:
+        assert direct_lines(access) is None  # records, so the listener sees them
+    finally:
+        access.removeHandler(listener)
+    assert direct_lines(access) is not None
