@@ -13,14 +13,38 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any, ClassVar
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+_quoted: Callable[[str], str] = encode_basestring_ascii  # what json.dumps does to a string
+
+
+def flat_json(entry: dict[str, Any]) -> str:
+    """`json.dumps(entry, default=str)`, to the character, for a dict of scalars, in a third of
+    the time: an access line is made for every request. Other values go to `json.dumps`."""
+    parts = []
+    for key, value in entry.items():
+        if isinstance(value, str):
+            text = _quoted(value)
+        elif value is None:
+            text = "null"
+        elif value is True or value is False:
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = int.__repr__(value)
+        elif isinstance(value, float) and math.isfinite(value):
+            text = float.__repr__(value)
+        else:
+            text = json.dumps(value, default=str)
+        parts.append(f"{_quoted(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,7 +72,7 @@ class JsonFormatter(logging.Formatter):
     def access_line(self, created: float, level: str, logger: str, fields: dict[str, Any]) -> str:
         """An access log line: the usual three fields, then the request's own."""
         head = {"time": self._time(created), "level": level.lower(), "logger": logger}
-        return json.dumps(head | fields, default=str)
+        return flat_json(head | fields)
 
     def _time(self, created: float) -> str:
         # strftime is a good part of a line's cost, and lines come many to a second.
