@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,24 +28,32 @@ _quoted: Callable[[str], str] = encode_basestring_ascii  # what json.dumps does 
 
 
 def flat_json(entry: dict[str, Any]) -> str:
-    """`json.dumps(entry, default=str)`, to the character, for a dict of scalars, in a third of
+    """`json.dumps(entry, default=str)`, to the character, for a dict of scalars, in about half
     the time: an access line is made for every request. Other values go to `json.dumps`."""
     parts = []
     for key, value in entry.items():
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             text = _quoted(value)
+        elif kind is int:
+            text = int.__repr__(value)
         elif value is None:
             text = "null"
-        elif value is True or value is False:
+        elif kind is bool:
             text = "true" if value else "false"
-        elif isinstance(value, int):
-            text = int.__repr__(value)
-        elif isinstance(value, float) and math.isfinite(value):
+        elif kind is float and math.isfinite(value):
             text = float.__repr__(value)
+        elif isinstance(value, str):  # an enum's value, say
+            text = _quoted(value)
         else:
             text = json.dumps(value, default=str)
-        parts.append(f"{_quoted(key)}: {text}")
+        parts.append(_key(key) + text)
     return "{" + ", ".join(parts) + "}"
+
+
+@functools.lru_cache(maxsize=256)
+def _key(name: str) -> str:
+    return _quoted(name) + ": "
 
 
 class JsonFormatter(logging.Formatter):
