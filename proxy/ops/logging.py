@@ -63,6 +63,8 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._stamp = ""
+        self._head_key: tuple[int, int, str] | None = None
+        self._head = ""
 
     def format(self, record: logging.LogRecord) -> str:
         access = getattr(record, "access", None)
@@ -82,6 +84,16 @@ class JsonFormatter(logging.Formatter):
         """An access log line: the usual three fields, then the request's own."""
         head = {"time": self._time(created), "level": level.lower(), "logger": logger}
         return flat_json(head | fields)
+
+    def line_head(self, created: float, level: int, logger: str) -> str:
+        """An access line up to its own members: `{"time": ..., "level": ..., "logger": ...`,
+        the same for every line of a second."""
+        key = (int(created), level, logger)
+        if key != self._head_key:
+            entry = {"time": self._time(created), "level": logging.getLevelName(level).lower()}
+            self._head = flat_json(entry | {"logger": logger})[:-1]
+            self._head_key = key
+        return self._head
 
     def _time(self, created: float) -> str:
         # strftime is a good part of a line's cost, and lines come many to a second.
@@ -173,10 +185,12 @@ class DirectLines:
         self._lock = threading.Lock()  # records may come from other threads
         handler.before_record = self.flush
 
-    def write(self, level: int, logger: str, fields: dict[str, Any]) -> None:
-        line = self.formatter.access_line(time.time(), logging.getLevelName(level), logger, fields)
+    def write(self, level: int, logger: str, members: str) -> None:
+        """A line of `logger` at `level` whose own members (after time, level and logger) are
+        `members`: JSON text, `"name": value` pairs joined by `, `, as `json.dumps` writes them."""
+        line = f"{self.formatter.line_head(time.time(), level, logger)}, {members}}}\n"
         with self._lock:
-            self._pending.append(line + "\n")
+            self._pending.append(line)
             first = len(self._pending) == 1
         if first:
             try:

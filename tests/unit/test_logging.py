@@ -10,26 +10,16 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.oci import Endpoint
 from proxy.ops.logging import BackgroundHandler, configure_logging, direct_lines, flat_json
+from proxy.server import keys
+from proxy.server.middleware import log_access
 
 ACCESS = "registry_proxy.access"
-FIELDS = {
-    "remote": "127.0.0.1",
-    "method": "GET",
-    "path": '/v2/team/app/manifests/1.0?odd="quote"',
-    "route": "manifest",
-    "status": 200,
-    "bytes": 949,
-    "aborted": False,
-    "duration_ms": 0.25,
-    "cache": "hit",
-    "upstream": "fake",
-    "identity": "anonymous",
-    "user_agent": "containerd/2.0 \u2603",
-}
 
 
 @pytest.fixture
@@ -56,17 +46,33 @@ def lines(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_a_direct_line_reads_as_a_record_formatted_would(json_log: io.StringIO) -> None:
+def test_an_access_line_made_directly_reads_as_its_record_would(json_log: io.StringIO) -> None:
+    path = "/v2/team/app/manifests/1.0?ns=docker.io&odd=%22q%22"
+    request = make_mocked_request("GET", path, headers={"User-Agent": 'ctr "\u2603"\t'})
+    request[keys.UPSTREAM] = "docker.io"
+    request[keys.IDENTITY] = "anonymous"
     access = logging.getLogger(ACCESS)
-    direct = direct_lines(access)
-    assert direct is not None
-    direct.write(logging.INFO, ACCESS, FIELDS)  # no event loop here: handed over at once
-    access.info("the same through a record", extra={"access": FIELDS})
+    listener = logging.NullHandler()  # on the access logger itself: records, not direct lines
+    for aborted in (None, "client"):
+        log_access(request, Endpoint.MANIFEST, 200, "hit", 949, aborted, 0.000_25)
+        access.addHandler(listener)
+        log_access(request, Endpoint.MANIFEST, 200, "hit", 949, aborted, 0.000_25)
+        access.removeHandler(listener)
     logging.getLogger().handlers[0].close()
 
-    made, recorded = lines(json_log.getvalue())
-    made.pop("time"), recorded.pop("time")
-    assert made == recorded == {"level": "info", "logger": ACCESS, **FIELDS}
+    written = lines(json_log.getvalue())
+    assert len(written) == 4
+    for entry in written:
+        entry.pop("time")
+    made, recorded, made_cut, recorded_cut = written
+    assert made == recorded
+    assert made_cut == recorded_cut
+    assert (made["path"], made["user_agent"]) == (path, 'ctr "\u2603"\t')
+    assert (made["aborted"], made_cut["aborted"], made_cut["abort_cause"]) == (
+        False,
+        True,
+        "client",
+    )
 
 
 def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
@@ -78,7 +84,7 @@ def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
         direct = direct_lines(access)
         assert direct is not None
         for status in (200, 404, 500):
-            direct.write(logging.INFO, ACCESS, {**FIELDS, "status": status})
+            direct.write(logging.INFO, ACCESS, f'"status": {status}')
 
     asyncio.run(requests())  # the batch's timer never fires: the loop is gone
     logging.getLogger("registry_proxy.other").warning("last")
