@@ -24,7 +24,7 @@ from proxy.cache.store import BlobStore
 from proxy.errors import DigestMismatch, ErrorCode, RegistryError
 from proxy.metrics import Metrics
 from proxy.oci import OCTET_STREAM, CacheResult, Digest, Repository
-from proxy.server.keys import ABORTED, BYTES_SENT, CACHE_RESULT
+from proxy.server.keys import notes
 from proxy.server.ranges import ByteRange, parse_range
 from proxy.upstream.client import Upstream
 from proxy.upstream.ranged import BlobOrigin
@@ -80,13 +80,14 @@ class Transfer:
         self.first_byte_sent = False
         source = "cache" if cache == CacheResult.HIT else "upstream"
         self.served = metrics.served_bytes.labels(source)
-        request[BYTES_SENT] = 0
+        self.notes = notes(request)
+        self.notes.bytes_sent = 0
 
     def _sent(self, count: int) -> None:
         if not self.first_byte_sent and count:
             self.first_byte_sent = True
             self.metrics.blob_first_byte.labels(self.cache).observe(time.monotonic() - self.started)
-        self.request[BYTES_SENT] += count
+        self.notes.bytes_sent = (self.notes.bytes_sent or 0) + count
         self.served.inc(count)
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
@@ -194,7 +195,7 @@ class BlobService:
         etag = f'"{digest}"'
         if_none_match = request.headers.getall("If-None-Match", [])
         if etag in if_none_match or "*" in if_none_match:
-            request[CACHE_RESULT] = result
+            notes(request).cache_result = result
             return web.StreamResponse(status=304, headers={"ETag": etag, "X-Cache": result.header})
         byte_range = parse_range(request.headers.get("Range"), size)
         response = _response(request, digest, size, byte_range, result)
@@ -311,7 +312,7 @@ def _response(
         "Accept-Ranges": "bytes",
         "X-Cache": result.header,
     }
-    request[CACHE_RESULT] = result
+    notes(request).cache_result = result
     if byte_range is None:
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = size
@@ -333,14 +334,14 @@ async def send_chunk(response: web.StreamResponse, chunk: bytes, send_timeout: f
 def abort_transfer(request: web.Request, digest: Digest, exc: BaseException) -> None:
     """Break the connection mid-body: the short body tells the client the transfer failed."""
     if isinstance(exc, ClientGone):
-        request[ABORTED] = "client"
+        notes(request).aborted = "client"
         if exc.stalled:
             log.warning("aborting transfer of %s: %s", digest, exc)
         else:
             log.debug("client went away during %s", digest)
     else:
         # The upstream (or the worker owning the blob) failed, or sent bytes that do not match.
-        request[ABORTED] = (
+        notes(request).aborted = (
             "upstream" if isinstance(exc, RegistryError | aiohttp.ClientError) else "mirror"
         )
         log.warning("aborting transfer of %s: %s", digest, exc)

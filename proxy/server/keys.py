@@ -6,6 +6,7 @@ The services are imported for the type checker only, so any module may import th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -47,14 +48,34 @@ TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
 PREFETCH: Final[web.AppKey[Prefetcher]] = web.AppKey("prefetch")
 PREPARED: Final[web.AppKey[PreparedAnswers]] = web.AppKey("prepared")
 
-# --- what a request was (set by handlers, read by the observe middleware)
-ROUTE: Final = web.RequestKey("route", str)  # ping | manifest | blob | tags | referrers
-CACHE_KIND: Final = web.RequestKey("cache_kind", str)  # blob | manifest | tag
-# How the cache answered (hit, miss, ...): a value the handler sets, never a header read back.
-CACHE_RESULT: Final[web.RequestKey[CacheResult]] = web.RequestKey("cache_result")
-UPSTREAM: Final = web.RequestKey("upstream", str)
-REPOSITORY: Final = web.RequestKey("repository", str)  # upstream/name, for the admin API's top
-IDENTITY: Final = web.RequestKey("identity", str)  # who authenticated, or "anonymous"
-BYTES_SENT: Final = web.RequestKey("bytes_sent", int)  # sendfile bypasses aiohttp's own count
-# Why a body was cut short after its status line went out: client | upstream | mirror.
-ABORTED: Final = web.RequestKey("aborted", str)
+
+# --- what a request was (noted by handlers, read by the observe middleware)
+
+
+@dataclass(slots=True)
+class Notes:
+    """What a request turned out to be, for its access log line and metrics: one object per
+    request, so the observe middleware reads attributes rather than a dozen request keys."""
+
+    route: str = "other"  # ping | manifest | blob | tags | referrers | metrics | ...
+    cache_kind: str | None = None  # blob | manifest | tag
+    # How the cache answered (hit, miss, ...): a value the handler sets, never a header read back.
+    cache_result: CacheResult | None = None
+    upstream: str | None = None
+    repository: str | None = None  # upstream/name, for the admin API's top repositories
+    identity: str | None = None  # who authenticated, or "anonymous"
+    bytes_sent: int | None = None  # set by handlers that stream: sendfile bypasses aiohttp
+    # Why a body was cut short after its status line went out: client | upstream | mirror.
+    aborted: str | None = None
+
+
+NOTES: Final = web.RequestKey("notes", Notes)
+
+
+def notes(request: web.BaseRequest) -> Notes:
+    """The request's notes (the observe middleware makes them first; made here otherwise)."""
+    try:
+        return request[NOTES]
+    except KeyError:
+        made = request[NOTES] = Notes()
+        return made

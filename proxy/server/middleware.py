@@ -1,7 +1,7 @@
 """The mirror's middleware, outermost first: `observe` (request metrics and the access log) and
 `render_errors` (every failure as an OCI error body, a traceback only ever in the log).
 
-Handlers note what a request was on it (`keys.ROUTE`, `keys.CACHE_RESULT`, ...); `observe`
+Handlers note what a request was in its `keys.Notes` (route, cache result, ...); `observe`
 reads those values, never the response's headers.
 """
 
@@ -40,6 +40,7 @@ _STATUS_CLASSES: Final = {n: f"{n}xx" for n in range(1, 6)}
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request, count it, and write one access log line, errors included."""
     started = time.monotonic()
+    noted = request[keys.NOTES] = keys.Notes()
     response: web.StreamResponse | None = None
     try:
         response = await handler(request)
@@ -47,43 +48,41 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         duration = time.monotonic() - started
         status = response.status if response is not None else 499
-        cache = _cache_label(request, status)
-        route = request.get(keys.ROUTE, "other")
+        cache = _cache_label(noted, status)
         metrics = request.app[keys.METRICS]
         method = request.method if request.method in METHODS else "other"
-        kind = request.get(keys.CACHE_KIND) if cache in CACHE_RESULTS else None
+        kind = noted.cache_kind if cache in CACHE_RESULTS else None
         histogram, counter = metrics.request_series(
-            route, method, _status_class(status), cache, kind
+            noted.route, method, _status_class(status), cache, kind
         )
         histogram.observe(duration)
         if counter is not None:
             counter.inc()
-        sent = _bytes_sent(request, response)
+        sent = _bytes_sent(noted, response)
         if (traffic := request.app.get(keys.TRAFFIC)) is not None and status < 400:
-            traffic.record(request, sent)  # the admin API's top repositories
+            traffic.record(noted, sent)  # the admin API's top repositories
         # The status went out before the body broke: only this tells it from a success.
-        aborted = request.get(keys.ABORTED)
-        if aborted is not None:
-            metrics.aborted_responses.labels(aborted).inc()
-        log_access(request, route, status, cache, sent, aborted, duration)
+        if noted.aborted is not None:
+            metrics.aborted_responses.labels(noted.aborted).inc()
+        log_access(request, noted, status, cache, sent, duration)
 
 
 def log_access(
-    request: web.Request,
-    route: str,
+    request: web.BaseRequest,
+    noted: keys.Notes,
     status: int,
     cache: str,
     sent: int,
-    aborted: str | None,
     duration: float,
 ) -> None:
     # Probes and scrapes arrive every few seconds: worth a line only when debugging.
+    route = noted.route
     level = logging.DEBUG if route in OPERATOR_ROUTES else logging.INFO
     if not access_log.isEnabledFor(level):
         return
     remote, method, path = request.remote, request.method, request.raw_path
     duration_ms = round(duration * 1000, 3)
-    upstream, identity = request.get(keys.UPSTREAM), request.get(keys.IDENTITY)
+    upstream, identity, aborted = noted.upstream, noted.identity, noted.aborted
     agent = request.headers.get("User-Agent")
     if (direct := direct_lines(access_log)) is not None:
         # The JSON text itself, as json.dumps would write these fields (one line per request:
@@ -138,16 +137,15 @@ def _status_class(status: int) -> str:
     return _STATUS_CLASSES.get(status // 100) or f"{status // 100}xx"
 
 
-def _cache_label(request: web.Request, status: int) -> str:
+def _cache_label(noted: keys.Notes, status: int) -> str:
     if status >= 400:
         return "error"
-    return str(request.get(keys.CACHE_RESULT, "pass"))
+    return "pass" if noted.cache_result is None else str(noted.cache_result)
 
 
-def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> int:
-    sent: int | None = request.get(keys.BYTES_SENT)
-    if sent is not None:
-        return sent
+def _bytes_sent(noted: keys.Notes, response: web.StreamResponse | None) -> int:
+    if noted.bytes_sent is not None:
+        return noted.bytes_sent
     if isinstance(response, web.Response) and isinstance(body := response.body, bytes):
         return len(body)
     return 0

@@ -19,14 +19,14 @@ from proxy.upstream.client import Upstream
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    request[keys.ROUTE] = "metrics"
+    keys.notes(request).route = "metrics"
     body = generate_latest(request.app[keys.METRICS].exposition())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers. Restarting it would not help anything else."""
-    request[keys.ROUTE] = "healthz"
+    keys.notes(request).route = "healthz"
     return web.json_response({"status": "ok"})
 
 
@@ -34,7 +34,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: the cache dir takes writes and the event loop is not stuck; with
     `ready_requires_upstream` (or `?upstream=1`) the upstreams must answer too."""
     app = request.app
-    request[keys.ROUTE] = "readyz"
+    keys.notes(request).route = "readyz"
     health = app[keys.HEALTH]
     checks: dict[str, str] = {"cache": await health.check_cache()}
     checks["event_loop"] = "ok" if health.lag < MAX_LOOP_LAG else f"lagging {health.lag:.1f}s"

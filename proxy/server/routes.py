@@ -44,16 +44,17 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     raw_tail = request.rel_url.raw_path.removeprefix("/v2").removeprefix("/")
     access = request.app[keys.ACCESS]
     identity = await access.authenticate(request.headers.get("Authorization"), request.remote)
-    request[keys.IDENTITY] = identity
+    noted = keys.notes(request)
+    noted.identity = identity
     if raw_tail == "":
         return _ping(request)
     upstream, tail = request.app[keys.UPSTREAMS].route(raw_tail, request.query.get("ns"))
-    request[keys.UPSTREAM] = upstream.name
+    noted.upstream = upstream.name
     api = parse_api_path(tail)
-    request[keys.ROUTE] = api.endpoint
+    noted.route = api.endpoint
     if isinstance(api, Ping | Unsupported) or request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
-    request[keys.REPOSITORY] = f"{upstream.name}/{api.repository.name}"
+    noted.repository = f"{upstream.name}/{api.repository.name}"
     access.authorize(identity, upstream.name, api.repository.name)
     if upstream.settings.pass_client_credentials:
         # The upstream in this client's name, for this request and what it starts.
@@ -64,7 +65,7 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
 
 
 def _ping(request: web.Request) -> web.StreamResponse:
-    request[keys.ROUTE] = Ping.endpoint
+    keys.notes(request).route = Ping.endpoint
     if request.method not in READ_METHODS:
         raise RegistryError(ErrorCode.UNSUPPORTED, "this registry mirror is read-only")
     # skopeo, podman and dockerd send credentials only after a challenged ping.
@@ -92,7 +93,7 @@ async def _guarded(
     if content and response.status in (200, 206, 304):
         # A tag's resolution is kept per (upstream, repository), so its digest was seen there;
         # content by digest only when this request fetched it through this repository.
-        fetched_here = request.get(keys.CACHE_RESULT) is CacheResult.MISS
+        fetched_here = keys.notes(request).cache_result is CacheResult.MISS
         header = response.headers.get("Docker-Content-Digest")
         if header is not None and (fetched_here or not by_digest):
             guard.provenance.record(Digest.parse(header), upstream.name, api.repository.name)
@@ -114,7 +115,7 @@ async def _dispatch(
     if isinstance(api, ManifestPath):
         return await _manifest(request, upstream, api)
     if isinstance(api, BlobPath):
-        request[keys.CACHE_KIND] = "blob"
+        keys.notes(request).cache_kind = "blob"
         return await request.app[keys.BLOBS].serve(request, upstream, api.repository, api.digest)
     if request.method == "GET" and isinstance(api, TagsPath):
         return await _tags(request, upstream, api)
@@ -128,15 +129,15 @@ async def _manifest(
 ) -> web.StreamResponse:
     manifests = request.app[keys.MANIFESTS]
     head = request.method == "HEAD"
+    noted = keys.notes(request)
     if isinstance(api.reference, Digest):
-        request[keys.CACHE_KIND] = "manifest"
+        kind = noted.cache_kind = "manifest"
         answer = await manifests.by_digest(upstream, api.repository, api.reference, head=head)
     else:
-        request[keys.CACHE_KIND] = "tag"
+        kind = noted.cache_kind = "tag"
         accept = request.headers.getall("Accept", [])
         answer = await manifests.by_tag(upstream, api.repository, api.reference, accept, head=head)
-    request[keys.CACHE_RESULT] = answer.cache
-    kind = request[keys.CACHE_KIND]
+    noted.cache_result = answer.cache
     etag = f'"{answer.digest}"'
     headers = {
         "Content-Type": answer.media_type,
@@ -159,12 +160,13 @@ async def _manifest(
 
 def _repeat(request: web.Request, prepared: Prepared) -> web.StreamResponse:
     """A manifest hit answered before (proxy.server.prepared), noted as the first one was."""
-    request[keys.IDENTITY] = ANONYMOUS
-    request[keys.UPSTREAM] = prepared.upstream.name
-    request[keys.REPOSITORY] = prepared.repository_key
-    request[keys.ROUTE] = ManifestPath.endpoint
-    request[keys.CACHE_KIND] = prepared.kind
-    request[keys.CACHE_RESULT] = CacheResult.HIT
+    noted = keys.notes(request)
+    noted.route = ManifestPath.endpoint
+    noted.cache_kind = prepared.kind
+    noted.cache_result = CacheResult.HIT
+    noted.upstream = prepared.upstream.name
+    noted.repository = prepared.repository_key
+    noted.identity = ANONYMOUS
     if prepared.body is not None:
         request.app[keys.PREFETCH].image_served(
             prepared.upstream, prepared.repository, prepared.digest, prepared.body

@@ -13,9 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import web
-
-from proxy.server.keys import REPOSITORY, ROUTE
+from proxy.server.keys import Notes
 
 DEFAULT_CAPACITY: Final = 1000
 COUNTED_ROUTES: Final = frozenset({"manifest", "blob"})
@@ -45,11 +43,10 @@ class RepositoryTraffic:
         entry.bytes += count
         entry.requests += 1
 
-    def record(self, request: web.Request, count: int) -> None:
+    def record(self, noted: Notes, count: int) -> None:
         """Count a finished manifest or blob response (the observe middleware calls this)."""
-        repository = request.get(REPOSITORY)  # noted by the handler once the path parsed
-        if repository is not None and request.get(ROUTE) in COUNTED_ROUTES:
-            self.add(repository, count)
+        if noted.repository is not None and noted.route in COUNTED_ROUTES:
+            self.add(noted.repository, count)
 
     def top(self, limit: int) -> list[tuple[str, Served]]:
         ranked = sorted(self._served.items(), key=lambda item: item[1].bytes, reverse=True)

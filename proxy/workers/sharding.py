@@ -38,7 +38,7 @@ from proxy.cache.store import DEFAULT_DOWNLOAD_TIMEOUT, SMALL_LIMIT, TOUCH_INTER
 from proxy.metrics import Metrics
 from proxy.oci import CacheResult, Digest, Repository
 from proxy.server.blobs import BlobService, abort_transfer, send_chunk
-from proxy.server.keys import BYTES_SENT, CACHE_RESULT
+from proxy.server.keys import notes
 from proxy.server.middleware import Handler, Middleware
 from proxy.upstream.client import Upstream
 from proxy.workers.supervisor import Worker
@@ -169,17 +169,18 @@ class ShardedBlobService:
         try:
             headers = {k: v for k, v in answer.headers.items() if k in RELAYED_BACK}
             if (result := CacheResult.from_header(answer.headers.get("X-Cache"))) is not None:
-                request[CACHE_RESULT] = result  # as the owner answered it
+                notes(request).cache_result = result  # as the owner answered it
             response = web.StreamResponse(status=answer.status, headers=headers)
             if answer.content_length is not None:
                 response.content_length = answer.content_length
             await response.prepare(request)
             # Counted here for the access log only: the owner counts the served bytes metric.
-            request[BYTES_SENT] = 0
+            noted = notes(request)
+            noted.bytes_sent = 0
             try:
                 async for chunk in answer.content.iter_chunked(256 * 1024):
                     await send_chunk(response, chunk, self.inner.send_timeout)
-                    request[BYTES_SENT] += len(chunk)
+                    noted.bytes_sent += len(chunk)
             except Exception as exc:
                 abort_transfer(request, digest, exc)
                 return response

@@ -49,14 +49,14 @@ def lines(text: str) -> list[dict[str, object]]:
 def test_an_access_line_made_directly_reads_as_its_record_would(json_log: io.StringIO) -> None:
     path = "/v2/team/app/manifests/1.0?ns=docker.io&odd=%22q%22"
     request = make_mocked_request("GET", path, headers={"User-Agent": 'ctr "\u2603"\t'})
-    request[keys.UPSTREAM] = "docker.io"
-    request[keys.IDENTITY] = "anonymous"
+    noted = keys.Notes(Endpoint.MANIFEST, upstream="docker.io", identity="anonymous")
     access = logging.getLogger(ACCESS)
     listener = logging.NullHandler()  # on the access logger itself: records, not direct lines
     for aborted in (None, "client"):
-        log_access(request, Endpoint.MANIFEST, 200, "hit", 949, aborted, 0.000_25)
+        noted.aborted = aborted
+        log_access(request, noted, 200, "hit", 949, 0.000_25)
         access.addHandler(listener)
-        log_access(request, Endpoint.MANIFEST, 200, "hit", 949, aborted, 0.000_25)
+        log_access(request, noted, 200, "hit", 949, 0.000_25)
         access.removeHandler(listener)
     logging.getLogger().handlers[0].close()
 
