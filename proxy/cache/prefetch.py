@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +53,9 @@ QUEUE_SIZE: Final = 1024
 PARSED_MAX: Final = 4096
 # A prefetched blob no client has read yet is kept from prefetch's own evictions this long.
 UNREAD_PROTECTION: Final = 600.0
+# A manifest served again within this long is not looked over again: a hot tag is served
+# thousands of times a second, and its blobs only go missing when evicted.
+RECHECK_SECONDS: Final = 1.0
 
 # Told of each blob prefetch completed: (upstream name, repository name, digest).
 Fetched = Callable[[str, str, Digest], None]
@@ -105,6 +109,7 @@ class Prefetcher:
         self._connected = asyncio.Event()
         self._closed = False
         self._parsed: dict[Digest, tuple[tuple[Digest, int], ...]] = {}
+        self._checked: dict[Digest, float] = {}  # manifest -> when its blobs were looked over
 
     # --- what the handlers tell it
 
@@ -118,6 +123,12 @@ class Prefetcher:
             or not self.settings.prefetch_for(upstream.settings)
         ):
             return 0
+        now = self.clock()
+        if now - self._checked.get(manifest, -math.inf) < RECHECK_SECONDS:
+            return 0
+        if len(self._checked) >= PARSED_MAX:
+            self._checked.clear()
+        self._checked[manifest] = now
         queued = 0
         for digest, size in self._blobs_of(manifest, body):
             if (

@@ -194,3 +194,27 @@ def test_prefetch_and_quota_settings_load_globally_and_per_upstream(tmp_path: Pa
     assert not off.prefetch_for(off.upstreams[1])
     with pytest.raises(ConfigError, match="quota_reserve"):
         load_settings(None, environ={"REGISTRY_PROXY_QUOTA_RESERVE": "-1"})
+
+
+async def test_a_manifest_served_again_is_looked_over_again_once_a_second(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
+) -> None:
+    image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer" * 100])
+    client = await mirror(prefetch=True)
+    prefetch = client.app[keys.PREFETCH]
+    now = [1000.0]
+    prefetch.clock = lambda: now[0]
+    await client.get("/v2/team/app/manifests/1.0", headers=ACCEPT)
+    await settled(client)
+    layer = Digest.parse(image.layer_digests[0])
+    assert client.app[keys.STORE].evict(layer)
+
+    # A hot tag is served over and over: the blobs' presence is not looked up every time.
+    for _ in range(3):
+        await client.get("/v2/team/app/manifests/1.0", headers=ACCEPT)
+    await settled(client)
+    assert blob_gets(fake_upstream).count(str(layer)) == 1
+    now[0] += 1.0
+    await client.get("/v2/team/app/manifests/1.0", headers=ACCEPT)
+    await settled(client)
+    assert blob_gets(fake_upstream).count(str(layer)) == 2
