@@ -178,7 +178,9 @@ class ShardedBlobService:
             noted = notes(request)
             noted.bytes_sent = 0
             try:
-                async for chunk in answer.content.iter_chunked(256 * 1024):
+                # Whatever the owner sent, as it came: a fixed piece size would hold the first
+                # bytes back until a piece filled.
+                async for chunk in answer.content.iter_any():
                     await send_chunk(response, chunk, self.inner.send_timeout)
                     noted.bytes_sent += len(chunk)
             except Exception as exc:
