@@ -35,6 +35,11 @@ MiB: Final = 1024 * 1024
 HASH_SLICE: Final = 8 * MiB
 # Bytes read from the sockets but not yet written, past which reading waits for the disk.
 MAX_BACKLOG: Final = 16 * MiB
+# A batch is handed to the worker thread once this large, or `BATCH_DELAY` after its first
+# chunk: on a fast link a hand-off per chunk would cost more than the write, and on a slow one
+# readers get bytes at most that late.
+MIN_BATCH: Final = MiB
+BATCH_DELAY: Final = 0.002
 IOV_MAX: Final = 1024
 MAX_BACKOFF: Final = 5.0
 # No part smaller than this: below it another connection costs more than it brings.
@@ -262,6 +267,7 @@ class DiskLane:
         self.error: BaseException | None = None
         self._queued: Batch = []
         self._running: asyncio.Future[int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._progress = asyncio.Event()
         self._stopped = False
 
@@ -274,11 +280,21 @@ class DiskLane:
             queued.append((part, part.position, [chunk]))
         self.backlog += len(chunk)
         if self._running is None:
+            if self.backlog >= MIN_BATCH:
+                self._submit()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self._running is None and self._queued:
             self._submit()
 
     async def drain(self, backlog: int = 0) -> None:
         """Wait until at most `backlog` bytes are left to write; raise the lane's error."""
         while self.backlog > backlog and self.error is None:
+            if self._running is None:
+                self._submit()
             await self._progress.wait()
         if self.error is not None:
             raise self.error
@@ -287,7 +303,7 @@ class DiskLane:
         """Write everything queued and hash the whole contiguous prefix."""
         while self.error is None:
             if self._running is None:
-                if self._frontier() <= self.hashed:
+                if not self._queued and self._frontier() <= self.hashed:
                     break
                 self._submit()
             await self._progress.wait()
@@ -300,6 +316,8 @@ class DiskLane:
         while it does."""
         self._stopped = True
         self._queued.clear()
+        if self._timer is not None:
+            self._timer.cancel()
         if (running := self._running) is not None:
             try:
                 await asyncio.wait([running])
@@ -308,6 +326,9 @@ class DiskLane:
                 raise
 
     def _submit(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._stopped or self.error is not None:
             return
         batch, self._queued = self._queued, []
