@@ -100,7 +100,8 @@ class Transfer:
             # uvloop has no loop.sendfile: sendfile(2) by hand on a plain TCP socket, through
             # memory (as aiohttp's FileResponse does then) under TLS.
             sock = transport.get_extra_info("socket")
-            if sock is None or transport.get_extra_info("ssl_object") is not None:
+            tls = transport.get_extra_info("sslcontext") or transport.get_extra_info("ssl_object")
+            if sock is None or tls is not None:
                 await self._copy_file(fd, offset, count)
             else:
                 await self._splice(transport, sock.fileno(), fd, offset, count)

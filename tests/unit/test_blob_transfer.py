@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from aiohttp import web
 from proxy.metrics import Metrics
 from proxy.oci import CacheResult
 from proxy.server.blobs import Transfer
+from unit.test_limits_and_tls import make_certificate
 
 SIZE = 3 * 1024 * 1024 + 12345
 STEP = 10_000  # a piece through the transport: less than aiohttp drains after
@@ -64,12 +66,18 @@ def serve_file(path: Path, *, hold: bool) -> web.Application:
     return app
 
 
-def fetch_twice(port: int) -> list[bytes]:
+def fetch_twice(port: int, tls: bool = False) -> list[bytes]:
     """Two GETs on one connection, read slowly (in a thread, while the server's loop runs)."""
     bodies = []
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        sock.connect(("127.0.0.1", port))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    raw.connect(("127.0.0.1", port))
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        raw = context.wrap_socket(raw)
+    with raw as sock:
         received = b""
         for _ in range(2):
             sock.sendall(b"GET /blob HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -86,16 +94,20 @@ def fetch_twice(port: int) -> list[bytes]:
     return bodies
 
 
-async def exchange(tmp_path: Path, *, hold: bool) -> list[bool]:
+async def exchange(tmp_path: Path, *, hold: bool, tls: bool = False) -> list[bool]:
     data = os.urandom(SIZE)
     path = tmp_path / "blob"
     path.write_bytes(data)
     runner = web.AppRunner(serve_file(path, hold=hold))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*make_certificate(tmp_path, "mirror"))
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     try:
-        bodies = await asyncio.to_thread(fetch_twice, runner.addresses[0][1])
+        bodies = await asyncio.to_thread(fetch_twice, runner.addresses[0][1], tls)
         return [body == data for body in bodies]
     finally:
         await runner.cleanup()
@@ -124,3 +136,14 @@ def test_a_file_sent_under_uvloop_arrives_whole_after_its_headers_and_keeps_the_
     if not hold:
         # The server outran the client: the full socket was waited for through the transport.
         assert "full" in calls
+
+
+def test_under_tls_the_bytes_go_through_the_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*args: object) -> int:
+        raise AssertionError("sendfile would bypass TLS")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(exchange(tmp_path, hold=False, tls=True)) == [True, True]
