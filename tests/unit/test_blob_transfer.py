@@ -66,11 +66,18 @@ def serve_file(path: Path, *, hold: bool) -> web.Application:
     return app
 
 
+def receive(sock: socket.socket, size: int) -> bytes:
+    if not (data := sock.recv(size)):
+        raise ConnectionError("the server closed the connection mid-body")
+    return data
+
+
 def fetch_twice(port: int, tls: bool = False) -> list[bytes]:
     """Two GETs on one connection, read slowly (in a thread, while the server's loop runs)."""
     bodies = []
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    raw.settimeout(20)  # a server that stops sending fails the test rather than hangs it
     raw.connect(("127.0.0.1", port))
     if tls:
         context = ssl.create_default_context()
@@ -82,12 +89,12 @@ def fetch_twice(port: int, tls: bool = False) -> list[bytes]:
         for _ in range(2):
             sock.sendall(b"GET /blob HTTP/1.1\r\nHost: test\r\n\r\n")
             while b"\r\n\r\n" not in received:
-                received += sock.recv(65536)
+                received += receive(sock, 65536)
             head, received = received.split(b"\r\n\r\n", 1)
             assert head.startswith(b"HTTP/1.1 200"), head
             assert f"Content-Length: {SIZE}".encode() in head
             while len(received) < SIZE:
-                received += sock.recv(16 * 1024)
+                received += receive(sock, 16 * 1024)
                 time.sleep(0.0005)
             bodies.append(received[:SIZE])
             received = received[SIZE:]
