@@ -4,10 +4,9 @@ A connection that breaks before its last byte (reset, truncation, a stall past `
 is continued from the byte it reached with `Range: bytes=<reached>-`, after a short backoff,
 the hash state kept; only `resume_attempts` attempts in a row without a new byte are made, and
 the whole download stays within `download_timeout`. A blob larger than `parallel_threshold`
-whose upstream takes Range requests is fetched in ranged parts (at most `MAX_PART` each), taken
-in order by `parallel_parts` connections at once, each written at its offset and each resumed
-like a whole blob. Hashing follows the contiguous prefix from byte 0, and readers are given that
-prefix only (see `proxy.cache.download`).
+whose upstream takes Range requests is fetched as `parallel_parts` ranged requests at once,
+each written at its offset and each resumed like a whole blob. Hashing follows the contiguous
+prefix from byte 0, and readers are given that prefix only (see `proxy.cache.download`).
 
 A resumed request answered with the whole body (200), another size or another validator
 (ETag, Last-Modified) is a different body: `BodyChanged` makes the download start over, and two
@@ -17,7 +16,6 @@ bodies are never spliced.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -46,9 +44,6 @@ IOV_MAX: Final = 1024
 MAX_BACKOFF: Final = 5.0
 # No part smaller than this: below it another connection costs more than it brings.
 MIN_PART: Final = MiB
-# No part larger than this either: parts are taken in order, `parallel_parts` at a time, so the
-# hashed prefix (what readers get) trails the download by a few parts, not by most of the blob.
-MAX_PART: Final = 32 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +57,10 @@ class FetchPolicy:
 
     def parts(self, size: int, *, ranges: bool) -> list[Part]:
         """The byte ranges of a blob of `size` bytes: one, unless it is large and the upstream
-        takes Range requests; then at least one per connection, and none over `MAX_PART`."""
+        takes Range requests."""
         count = 1
         if ranges and size > self.parallel_threshold:
             count = max(1, min(self.parallel_parts, size // MIN_PART))
-        if count > 1:
-            count = max(count, -(-size // MAX_PART))
         bounds = [size * i // count for i in range(count + 1)]
         return [Part(bounds[i], bounds[i + 1]) for i in range(count)]
 
@@ -142,14 +135,7 @@ class BodyFetch:
 
     async def run(self) -> None:
         """Fetch every part; on return bytes 0..size are on disk and hashed (not yet checked)."""
-        waiting = collections.deque(self.parts)  # the first part (the open stream) first
-
-        async def connection() -> None:
-            while waiting:
-                await self._fetch_part(waiting.popleft())
-
-        count = min(self.policy.parallel_parts, len(self.parts))
-        tasks = [asyncio.create_task(connection()) for _ in range(count)]
+        tasks = [asyncio.create_task(self._fetch_part(part)) for part in self.parts]
         try:
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
