@@ -120,10 +120,6 @@ class Download:
         # continuing from upstream can still verify the whole blob.
         self.hasher: Any = digest.hasher()
         self.ready = asyncio.Event()  # size known, or failed
-        # Every byte on disk matched the digest: readers may have the last one, while the file
-        # is still being fsync()ed and renamed into the cache.
-        self.verified = False
-        self.finished = asyncio.Event()  # committed, failed or degraded: the task is over
         self._progress = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._reserved = 0
@@ -208,10 +204,6 @@ class Download:
             raise DigestMismatch(self.digest, f"{self.written} of {self.size} bytes")
         if self.hasher.hexdigest() != self.digest.encoded:
             raise DigestMismatch(self.digest, "digest mismatch")
-        # The fsync only keeps a crash from leaving a short file under `blobs/`: readers need
-        # not wait for the disk (a large blob's fsync takes a good part of a second).
-        self.verified = True
-        self._notify()
         await asyncio.to_thread(os.fsync, self._fd)
         self._commit()
 
@@ -235,7 +227,6 @@ class Download:
         self.store.release_reservation(self._reserved)
         self.store.download_finished(self)
         self.ready.set()
-        self.finished.set()
         self._notify()
 
     def _open_temp(self) -> int:
@@ -306,10 +297,6 @@ class Download:
                     return
                 else:
                     await self._progress.wait()
-            if self.verified:
-                # The reader has its last byte, sent while the file is committed: a request after
-                # this one (the next on its connection) finds the blob in the cache.
-                await self.finished.wait()
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -318,7 +305,7 @@ class Download:
         """How many bytes readers may have: all that landed, but the last byte only once the
         whole blob verified, so that a client never receives a complete body with a bad digest.
         """
-        if self.verified or self.state in (State.COMPLETE, State.DEGRADED) or self.size is None:
+        if self.state in (State.COMPLETE, State.DEGRADED) or self.size is None:
             return self.written
         return min(self.written, self.size - 1)
 
