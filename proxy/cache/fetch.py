@@ -136,8 +136,6 @@ class BodyFetch:
     async def run(self) -> None:
         """Fetch every part; on return bytes 0..size are on disk and hashed (not yet checked)."""
         tasks = [asyncio.create_task(self._fetch_part(part)) for part in self.parts]
-        flush: asyncio.Future[None] | None = None
-        flush_error: BaseException | None = None
         try:
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -150,22 +148,9 @@ class BodyFetch:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if self._first is not None:  # cancelled before the first part took it
                     self._first.close()
-            if len(self.parts) > 1:
-                # Every byte has arrived, but later parts are still to be hashed: the disk writes
-                # them meanwhile, and the fsync before the commit has little left to do.
-                flush = asyncio.ensure_future(asyncio.to_thread(os.fsync, self.download.fd))
             await self.lane.finish()
         finally:
             await self.lane.stop()
-            if flush is not None:  # it uses the download's fd, closed after this returns
-                try:
-                    await asyncio.wait([flush])
-                except asyncio.CancelledError:
-                    await asyncio.wait([flush])
-                    raise
-                flush_error = flush.exception()
-        if flush_error is not None:
-            raise flush_error  # the disk failed: the download degrades, as on a failed write
 
     async def _fetch_part(self, part: Part) -> None:
         stream: BlobSource | None = None
