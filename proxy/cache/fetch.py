@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.config import Settings
 from proxy.errors import DigestMismatch, RangeIgnored, RegistryError
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 MiB: Final = 1024 * 1024
 # Bytes of later parts, already on disk, read back and hashed off the loop at a time.
 HASH_SLICE: Final = 8 * MiB
+# Bytes read from the sockets but not yet written, past which reading waits for the disk.
+MAX_BACKLOG: Final = 16 * MiB
+# A batch is handed to the worker thread once this large, or `BATCH_DELAY` after its first
+# chunk: on a fast link a hand-off per chunk would cost more than the write, and on a slow one
+# readers get bytes at most that late.
+MIN_BATCH: Final = MiB
+BATCH_DELAY: Final = 0.002
+IOV_MAX: Final = 1024
 MAX_BACKOFF: Final = 5.0
 # No part smaller than this: below it another connection costs more than it brings.
 MIN_PART: Final = MiB
@@ -75,11 +83,14 @@ class RangeOrigin(Protocol):
 class Part:
     start: int
     end: int  # exclusive
-    position: int = -1
+    position: int = -1  # the next byte to read from upstream
+    on_disk: int = -1  # the next byte to write (touched by the `DiskLane` only)
 
     def __post_init__(self) -> None:
         if self.position < 0:
             self.position = self.start
+        if self.on_disk < 0:
+            self.on_disk = self.position
 
 
 class BodyChanged(Exception):
@@ -120,23 +131,26 @@ class BodyFetch:
             self.size, ranges=ranges and origin is not None and first.accepts_ranges
         )
         self._first: BlobSource | None = first
-        self._catching_up = False
+        self.lane = DiskLane(download, self.parts)
 
     async def run(self) -> None:
         """Fetch every part; on return bytes 0..size are on disk and hashed (not yet checked)."""
         tasks = [asyncio.create_task(self._fetch_part(part)) for part in self.parts]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if (error := task.exception()) is not None:
-                    raise error
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if (error := task.exception()) is not None:
+                        raise error
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self._first is not None:  # cancelled before the first part took it
+                    self._first.close()
+            await self.lane.finish()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self._first is not None:  # cancelled before the first part took it
-                self._first.close()
-        await self._catch_up()
+            await self.lane.stop()
 
     async def _fetch_part(self, part: Part) -> None:
         stream: BlobSource | None = None
@@ -205,81 +219,175 @@ class BodyFetch:
         return stream
 
     async def _copy(self, stream: BlobSource, part: Part) -> None:
-        fd = self.download.fd
+        lane = self.lane
         async for chunk in stream.chunks():
             room = part.end - part.position
             if len(chunk) > room:
                 if part.end == self.size:
                     raise DigestMismatch(self.download.digest, "more bytes than its Content-Length")
                 chunk = chunk[:room]  # the first part reads a whole-body stream up to its end
-            offset, download = part.position, self.download
-            # Bytes that extend the verified prefix are hashed as they are written, both in a
-            # thread (hashlib and pwrite release the GIL): the loop goes on reading the socket.
-            hasher = download.hasher if offset == download.written else None
-            if self._catching_up:
-                hasher = None
-            await _off_loop(_write, fd, chunk, offset, hasher)
+            lane.write(part, chunk)
             part.position += len(chunk)
-            if hasher is not None and hasher is download.hasher:
-                download.advance(len(chunk))
-            if self._frontier() > download.written:
-                await self._catch_up()
+            if lane.backlog > MAX_BACKLOG:
+                await lane.drain(MAX_BACKLOG // 2)
+            elif lane.error is not None:
+                raise lane.error
             if part.position >= part.end:
                 return
         if part.position < part.end:
             raise ShortBody()
 
+
+# Chunks to write: per part, from an offset.
+Batch = list[tuple["Part", int, list[bytes]]]
+
+
+class DiskLane:
+    """The download's file and hash state, worked on by one thread at a time, in order.
+
+    Chunks read from the sockets are queued, and whatever queued while the previous batch was
+    being written goes to a worker thread as one batch (pwritev, then hashed while still in the
+    CPU cache): one thread hand-off per batch rather than per chunk, a batch as small as one
+    chunk on a slow link (readers get bytes at once) and large on a fast one. hashlib and the
+    file calls release the GIL, so the loop goes on reading sockets meanwhile.
+
+    Hashing follows the contiguous prefix from byte 0: a batch that extends it is hashed as it
+    is written; bytes of later parts, already on disk, are read back and hashed (`HASH_SLICE`
+    at a time) once the prefix reaches them. The hasher and every part's `on_disk` are touched
+    by the batch in flight only, and the loop reads the prefix from its result.
+    """
+
+    def __init__(self, download: Download, parts: list[Part]) -> None:
+        self.download = download
+        self.parts = parts
+        self.fd = download.fd
+        self.hasher = download.hasher
+        self.hashed = download.written  # touched by the batch in flight only
+        self.backlog = 0  # bytes queued or being written
+        self.error: BaseException | None = None
+        self._queued: Batch = []
+        self._running: asyncio.Future[int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress = asyncio.Event()
+        self._stopped = False
+
+    def write(self, part: Part, chunk: bytes) -> None:
+        """Queue `chunk`, the bytes of `part` from its `position`."""
+        queued = self._queued
+        if queued and queued[-1][0] is part:
+            queued[-1][2].append(chunk)
+        else:
+            queued.append((part, part.position, [chunk]))
+        self.backlog += len(chunk)
+        if self._running is None:
+            if self.backlog >= MIN_BATCH:
+                self._submit()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self._running is None and self._queued:
+            self._submit()
+
+    async def drain(self, backlog: int = 0) -> None:
+        """Wait until at most `backlog` bytes are left to write; raise the lane's error."""
+        while self.backlog > backlog and self.error is None:
+            if self._running is None:
+                self._submit()
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def finish(self) -> None:
+        """Write everything queued and hash the whole contiguous prefix."""
+        while self.error is None:
+            if self._running is None:
+                if not self._queued and self._frontier() <= self.hashed:
+                    break
+                self._submit()
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def stop(self) -> None:
+        """Queue nothing more and wait for the batch in flight, even when cancelled: it writes
+        to the download's file descriptor, which must not be closed (and its number reused)
+        while it does."""
+        self._stopped = True
+        self._queued.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        if (running := self._running) is not None:
+            try:
+                await asyncio.wait([running])
+            except asyncio.CancelledError:
+                await asyncio.wait([running])
+                raise
+
+    def _submit(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stopped or self.error is not None:
+            return
+        batch, self._queued = self._queued, []
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(None, self._write_batch, batch)
+        self._running = running
+        running.add_done_callback(lambda done: self._written(done, batch))
+
+    def _written(self, done: asyncio.Future[int], batch: Batch) -> None:
+        self._running = None
+        if done.cancelled():
+            self.error = self.error or asyncio.CancelledError()
+        elif (error := done.exception()) is not None:
+            self.error = error
+        self.backlog -= sum(len(chunk) for _, _, chunks in batch for chunk in chunks)
+        download = self.download
+        if download.hasher is self.hasher and self.hashed > download.written:
+            download.advance(self.hashed - download.written)
+        if self._queued:
+            self._submit()
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _write_batch(self, batch: Batch) -> int:
+        """In the worker thread: write the batch, hash what extends the prefix."""
+        for part, offset, chunks in batch:
+            _pwritev(self.fd, chunks, offset)
+            part.on_disk = offset + sum(len(chunk) for chunk in chunks)
+            if offset == self.hashed:
+                for chunk in chunks:
+                    self.hasher.update(chunk)
+                self.hashed = part.on_disk
+        # Later parts that the prefix has reached, a slice per batch so that writes go on.
+        if (frontier := self._frontier()) > self.hashed:
+            count = min(frontier - self.hashed, HASH_SLICE)
+            data = os.pread(self.fd, count, self.hashed)
+            if not data:
+                raise OSError(f"the temporary file ends at {self.hashed}")
+            self.hasher.update(data)
+            self.hashed += len(data)
+        return self.hashed
+
     def _frontier(self) -> int:
         """Where the bytes on disk stop being contiguous from the start of the blob."""
-        written = self.download.written
+        hashed = self.hashed
         for part in self.parts:
-            if part.start <= written < part.end:
-                return part.position
-        return written
-
-    async def _catch_up(self) -> None:
-        if self._catching_up:
-            return
-        download = self.download
-        self._catching_up = True
-        try:
-            while (frontier := self._frontier()) > download.written:
-                count = min(frontier - download.written, HASH_SLICE)
-                hasher = download.hasher
-                await _off_loop(_hash_range, hasher, download.fd, download.written, count)
-                if hasher is not download.hasher:
-                    return  # the download started over meanwhile
-                download.advance(count)
-        finally:
-            self._catching_up = False
+            if part.start <= hashed < part.end:
+                return part.on_disk
+        return hashed
 
 
-async def _off_loop(work: Callable[..., None], *args: Any) -> None:
-    """Run `work` in a thread and wait for it even when cancelled: it writes to the download's
-    file descriptor, which must not be closed (and its number reused) while it does."""
-    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await asyncio.wait([running])
-        raise
-
-
-def _write(fd: int, chunk: bytes, offset: int, hasher: Any) -> None:
-    view = memoryview(chunk)
-    while view:
-        written = os.pwrite(fd, view, offset)
+def _pwritev(fd: int, chunks: list[bytes], offset: int) -> None:
+    views = [memoryview(chunk) for chunk in chunks]
+    first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first : first + IOV_MAX], offset)
         offset += written
-        view = view[written:]
-    if hasher is not None:
-        hasher.update(chunk)
-
-
-def _hash_range(hasher: Any, fd: int, offset: int, count: int) -> None:
-    while count:
-        data = os.pread(fd, min(count, HASH_SLICE), offset)
-        if not data:
-            raise OSError(f"the temporary file ends at {offset}")
-        hasher.update(data)
-        offset += len(data)
-        count -= len(data)
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]

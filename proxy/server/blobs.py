@@ -62,6 +62,8 @@ class Transfer:
     # sendfile in pieces, so a client that stops reading is noticed within `send_timeout`.
     PIECE = 16 * 1024 * 1024
     COPY_PIECE = 256 * 1024
+    # Handed to the transport when the socket is full, to learn when it drains (see `_splice`).
+    WAIT_PIECE = 64 * 1024
 
     def __init__(
         self,
@@ -96,8 +98,14 @@ class Transfer:
             raise ClientGone(ConnectionResetError())
         loop = asyncio.get_running_loop()
         if not isinstance(loop, asyncio.BaseEventLoop):
-            # uvloop has no loop.sendfile: through memory, as aiohttp's FileResponse does then.
-            await self._copy_file(fd, offset, count)
+            # uvloop has no loop.sendfile: sendfile(2) by hand on a plain TCP socket, through
+            # memory (as aiohttp's FileResponse does then) under TLS.
+            sock = transport.get_extra_info("socket")
+            tls = transport.get_extra_info("sslcontext") or transport.get_extra_info("ssl_object")
+            if sock is None or tls is not None:
+                await self._copy_file(fd, offset, count)
+            else:
+                await self._splice(transport, sock.fileno(), fd, offset, count)
             return
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as file:
             end = offset + count
@@ -117,6 +125,58 @@ class Transfer:
     async def write(self, chunk: bytes) -> None:
         await send_chunk(self.response, chunk, self.send_timeout)
         self._sent(len(chunk))
+
+    async def _splice(
+        self, transport: asyncio.Transport, sock: int, fd: int, offset: int, count: int
+    ) -> None:
+        """sendfile(2) from `fd` to the client's socket, next to the event loop's transport.
+
+        Bytes go to the socket directly only while the transport has none buffered (they would
+        overtake them). When the socket is full, a small piece goes through the transport
+        instead: the loop sends it when the socket has room, and with a write buffer limit of
+        0 the response's drain returns once it has, all of it.
+        """
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            end = offset + count
+            while offset < end:
+                if transport.is_closing():
+                    raise ClientGone(ConnectionResetError())
+                if transport.get_write_buffer_size():
+                    await self._drain()
+                    if transport.get_write_buffer_size():  # not the loop this was written for
+                        await self._copy_file(fd, offset, end - offset)
+                        return
+                    continue
+                try:
+                    sent = os.sendfile(sock, fd, offset, min(self.PIECE, end - offset))
+                except BlockingIOError:
+                    sent = -1
+                except ConnectionError as exc:
+                    raise ClientGone(exc) from exc
+                if sent == 0:
+                    raise OSError(f"cache file ended at byte {offset} of {end}")
+                if sent > 0:
+                    offset += sent
+                    self._sent(sent)
+                    continue
+                piece = os.pread(fd, min(self.WAIT_PIECE, end - offset), offset)
+                if not piece:
+                    raise OSError(f"cache file ended at byte {offset} of {end}")
+                await self.write(piece)
+                offset += len(piece)
+                await self._drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.request.writer.drain()
+        except (ConnectionError, TimeoutError) as exc:
+            raise ClientGone(exc) from exc
 
     async def _copy_file(self, fd: int, offset: int, count: int) -> None:
         end = offset + count

@@ -63,9 +63,11 @@ class BlobStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            # Whatever has arrived: small pieces on a slow link (followers get bytes at once),
-            # large ones on a fast link (less per-chunk work); `read_bufsize` caps them.
-            async for chunk in self._response.content.iter_any():
+            # The pieces as the parser made them, never joined (a copy of every byte): a
+            # download writes them with one pwritev, a relay sends them one by one.
+            async for chunk, _ in self._response.content.iter_chunks():
+                if not chunk:
+                    continue  # the end of a piece of a chunked body
                 if self._fetched is not None:
                     self._fetched.inc(len(chunk))
                 yield chunk
