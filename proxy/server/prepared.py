@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.cache.manifests import ManifestAnswer
 from proxy.cache.tags import TagCache
-from proxy.oci import CacheResult, Digest, Repository
+from proxy.oci import CacheResult, Repository
 from proxy.upstream.client import Upstream
 from proxy.upstream.routing import Upstreams
 
@@ -35,19 +35,22 @@ Key = tuple[str, str, tuple[str, ...]]
 class Prepared:
     """A response to repeat, and what the access log, metrics and prefetch need to know."""
 
+    answer: ManifestAnswer  # a HIT, with how long it holds
     headers: dict[str, str]
-    body: bytes | None  # None for a HEAD
-    size: int
-    fresh_until: float
-    generation: int | None  # the tag cache's, for an answer by tag
     upstream: Upstream
     repository: Repository
-    digest: Digest
     kind: str  # "tag" or "manifest", as the cache metrics count it
 
     @property
     def repository_key(self) -> str:
         return f"{self.upstream.name}/{self.repository.name}"
+
+    def holds(self, generation: int, now: float) -> bool:
+        """Whether the answer still holds with the tag cache at `generation`, at `now`."""
+        answer = self.answer
+        if answer.generation is not None and answer.generation != generation:
+            return False
+        return answer.fresh_until == math.inf or now < answer.fresh_until
 
 
 class PreparedAnswers:
@@ -61,16 +64,12 @@ class PreparedAnswers:
         return len(self._entries)
 
     def get(self, request: web.Request) -> Prepared | None:
-        if not self._entries:
+        if not self._entries or (key := _key(request)) is None:
             return None
-        key = _key(request)
-        entry = self._entries.get(key) if key is not None else None
-        if entry is None:
-            return None
-        fresh = entry.generation is None or entry.generation == self.tags.generation
-        if fresh and (entry.fresh_until == math.inf or time.time() < entry.fresh_until):
+        entry = self._entries.get(key)
+        if entry is None or entry.holds(self.tags.generation, time.time()):
             return entry
-        del self._entries[key]  # type: ignore[arg-type]
+        del self._entries[key]
         return None
 
     def keep(
@@ -92,17 +91,7 @@ class PreparedAnswers:
             return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = Prepared(
-            headers,
-            answer.body,
-            answer.size,
-            answer.fresh_until,
-            answer.generation,
-            upstream,
-            repository,
-            answer.digest,
-            kind,
-        )
+        self._entries[key] = Prepared(answer, headers, upstream, repository, kind)
 
 
 def _key(request: web.Request) -> Key | None:

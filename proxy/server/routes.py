@@ -167,11 +167,12 @@ def _repeat(request: web.Request, prepared: Prepared) -> web.StreamResponse:
     noted.upstream = prepared.upstream.name
     noted.repository = prepared.repository_key
     noted.identity = ANONYMOUS
-    if prepared.body is not None:
+    answer = prepared.answer
+    if answer.body is not None:
         request.app[keys.PREFETCH].image_served(
-            prepared.upstream, prepared.repository, prepared.digest, prepared.body
+            prepared.upstream, prepared.repository, answer.digest, answer.body
         )
-    return _manifest_response(prepared.headers, prepared.body, prepared.size)
+    return _manifest_response(prepared.headers, answer.body, answer.size)
 
 
 def _manifest_response(

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from hypothesis import given
-from hypothesis import strategies as st
 
 from proxy.oci import Endpoint
-from proxy.ops.logging import BackgroundHandler, configure_logging, direct_lines, flat_json
+from proxy.ops.logging import BackgroundHandler, configure_logging, direct_lines
 from proxy.server import keys
 from proxy.server.middleware import log_access
 
@@ -106,19 +104,3 @@ def test_a_handler_of_its_own_on_the_access_logger_gets_records(json_log: io.Str
     finally:
         access.removeHandler(listener)
     assert direct_lines(access) is not None
-
-
-SCALARS = (
-    st.text()
-    | st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.lists(st.integers(), max_size=3)
-    | st.sampled_from([logging.INFO, b"bytes", ("a", 1)])
-)
-
-
-@given(st.dictionaries(st.text(), SCALARS, max_size=15))
-def test_a_flat_line_is_what_json_dumps_writes(entry: dict[str, object]) -> None:
-    assert flat_json(entry) == json.dumps(entry, default=str)
