@@ -21,12 +21,13 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import FakeUpstreamServer
-from harness.mirror import StartMirror
+from harness.mirror import MirrorTestServer, StartMirror
 from harness.ports import free_port
 from hypothesis import settings as hypothesis_settings
 from pytest_aiohttp import AiohttpClient
@@ -71,7 +72,9 @@ def mirror(
             "prefetch": False,
         }
         options.update(overrides)
-        return await aiohttp_client(create_app(Settings(**options)))  # type: ignore[arg-type]
+        server = MirrorTestServer(create_app(Settings(**options)))  # type: ignore[arg-type]
+        # pytest-aiohttp types a client of a server as having no app; this one has.
+        return cast(TestClient[web.Request, web.Application], await aiohttp_client(server))
 
     return start
 

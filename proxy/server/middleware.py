@@ -29,7 +29,7 @@ OPERATOR_ROUTES: Final = frozenset({"metrics", "healthz", "readyz"})
 # is `other`, so clients cannot add series at will.
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-__all__ = ["Handler", "Middleware", "error_response", "observe", "render_errors"]
+__all__ = ["Handler", "Middleware", "account", "error_response", "observe", "render_errors"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CACHE_RESULTS: Final = frozenset(CacheResult)
@@ -46,25 +46,37 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
         return response
     finally:
-        duration = time.monotonic() - started
         status = response.status if response is not None else 499
-        cache = _cache_label(noted, status)
-        metrics = request.app[keys.METRICS]
-        method = request.method if request.method in METHODS else "other"
-        kind = noted.cache_kind if cache in CACHE_RESULTS else None
-        histogram, counter = metrics.request_series(
-            noted.route, method, _status_class(status), cache, kind
-        )
-        histogram.observe(duration)
-        if counter is not None:
-            counter.inc()
-        sent = _bytes_sent(noted, response)
-        if (traffic := request.app.get(keys.TRAFFIC)) is not None and status < 400:
-            traffic.record(noted, sent)  # the admin API's top repositories
-        # The status went out before the body broke: only this tells it from a success.
-        if noted.aborted is not None:
-            metrics.aborted_responses.labels(noted.aborted).inc()
-        log_access(request, noted, status, cache, sent, duration)
+        account(request.app, request, noted, status, _bytes_sent(noted, response), started)
+
+
+def account(
+    app: web.Application,
+    request: web.BaseRequest,
+    noted: keys.Notes,
+    status: int,
+    sent: int,
+    started: float,
+) -> None:
+    """Count a finished request and write its access log line (for `observe`, and for repeats
+    answered before the app: `proxy.server.repeats`)."""
+    duration = time.monotonic() - started
+    cache = _cache_label(noted, status)
+    metrics = app[keys.METRICS]
+    method = request.method if request.method in METHODS else "other"
+    kind = noted.cache_kind if cache in CACHE_RESULTS else None
+    histogram, counter = metrics.request_series(
+        noted.route, method, _status_class(status), cache, kind
+    )
+    histogram.observe(duration)
+    if counter is not None:
+        counter.inc()
+    if (traffic := app.get(keys.TRAFFIC)) is not None and status < 400:
+        traffic.record(noted, sent)  # the admin API's top repositories
+    # The status went out before the body broke: only this tells it from a success.
+    if noted.aborted is not None:
+        metrics.aborted_responses.labels(noted.aborted).inc()
+    log_access(request, noted, status, cache, sent, duration)
 
 
 def log_access(

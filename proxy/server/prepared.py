@@ -7,20 +7,29 @@ is due for revalidation or the tag cache changes (`ManifestAnswer.fresh_until`, 
 A node pool pulling one image asks for the same tag thousands of times a second; each repeat
 then costs a dictionary lookup instead of routing, parsing, the tag cache and header building.
 With access control, every request goes the whole way: who asks matters there.
+
+Each entry also keeps its response as it goes on the wire (`Prepared.wire`), so the connection
+handler (`proxy.server.runner`) can answer a repeat before aiohttp routes it or builds a response
+(`proxy.server.repeats`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 
 from proxy.cache.manifests import ManifestAnswer
 from proxy.cache.tags import TagCache
-from proxy.oci import CacheResult, Repository
+from proxy.oci import CacheResult, ManifestPath, Repository
+from proxy.server.access import ANONYMOUS
+from proxy.server.keys import Notes
 from proxy.upstream.client import Upstream
 from proxy.upstream.routing import Upstreams
 
@@ -29,6 +38,7 @@ MAX_ENTRIES: Final = 4096
 MAX_KEY_LENGTH: Final = 2048
 
 Key = tuple[str, str, tuple[str, ...]]
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +50,26 @@ class Prepared:
     upstream: Upstream
     repository: Repository
     kind: str  # "tag" or "manifest", as the cache metrics count it
+    # The HTTP/1.1 response up to its Date value, and what follows it (headers as aiohttp
+    # orders them: the handler's, Content-Length, Date, Server, then the protocol's).
+    before_date: bytes = field(default=b"", repr=False)
+    after_date: bytes = field(default=b"", repr=False)
+
+    def wire(self, date: bytes) -> bytes:
+        return b"".join((self.before_date, date, self.after_date))
 
     @property
     def repository_key(self) -> str:
         return f"{self.upstream.name}/{self.repository.name}"
+
+    def note(self, noted: Notes) -> None:
+        """Note the repeat as the first hit was noted."""
+        noted.route = ManifestPath.endpoint
+        noted.cache_kind = self.kind
+        noted.cache_result = CacheResult.HIT
+        noted.upstream = self.upstream.name
+        noted.repository = self.repository_key
+        noted.identity = ANONYMOUS
 
     def holds(self, generation: int, now: float) -> bool:
         """Whether the answer still holds with the tag cache at `generation`, at `now`."""
@@ -63,7 +89,7 @@ class PreparedAnswers:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, request: web.Request) -> Prepared | None:
+    def get(self, request: web.BaseRequest) -> Prepared | None:
         if not self._entries or (key := _key(request)) is None:
             return None
         entry = self._entries.get(key)
@@ -80,8 +106,10 @@ class PreparedAnswers:
         answer: ManifestAnswer,
         headers: dict[str, str],
         kind: str,
+        protocol_headers: dict[str, str],
     ) -> None:
-        """Remember a response for repeats, if it may be repeated."""
+        """Remember a response for repeats, if it may be repeated; `protocol_headers` are those
+        every response gets (`proxy.server.routes.protocol_headers`)."""
         if not self.enabled or answer.cache is not CacheResult.HIT or answer.fresh_until <= 0:
             return
         # An upstream made up on demand may be closed when idle, and repeats would not count
@@ -89,12 +117,40 @@ class PreparedAnswers:
         key = _key(request)
         if key is None or not self.upstreams.is_configured(upstream):
             return
+        values = (*headers.values(), *protocol_headers.values())
+        if any(_CONTROL.search(value) for value in values):  # aiohttp would refuse to send it
+            return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = Prepared(answer, headers, upstream, repository, kind)
+        length = answer.size if answer.body is None else len(answer.body)
+        before = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        after = "".join(f"{name}: {value}\r\n" for name, value in protocol_headers.items())
+        self._entries[key] = Prepared(
+            answer,
+            headers,
+            upstream,
+            repository,
+            kind,
+            f"HTTP/1.1 200 OK\r\n{before}Content-Length: {length}\r\nDate: ".encode(),
+            f"\r\nServer: {SERVER_SOFTWARE}\r\n{after}\r\n".encode() + (answer.body or b""),
+        )
 
 
-def _key(request: web.Request) -> Key | None:
+class HttpDate:
+    """The Date header's value, made once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._value = now, formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+def _key(request: web.BaseRequest) -> Key | None:
     if "If-None-Match" in request.headers:  # answered 304 or 200 by its value: not a repeat
         return None
     accept = tuple(request.headers.getall("Accept", ()))

@@ -27,7 +27,6 @@ from proxy.oci import (
     parse_api_path,
 )
 from proxy.server import keys, passthrough
-from proxy.server.access import ANONYMOUS
 from proxy.server.prepared import Prepared
 from proxy.server.taglist import TagQuery
 from proxy.upstream.client import Upstream
@@ -149,7 +148,9 @@ async def _manifest(
         headers["Warning"] = '110 registry-proxy "Response is Stale"'
     if etag in request.headers.getall("If-None-Match", []):
         return web.Response(status=304, headers=headers)
-    request.app[keys.PREPARED].keep(request, upstream, api.repository, answer, headers, kind)
+    request.app[keys.PREPARED].keep(
+        request, upstream, api.repository, answer, headers, kind, protocol_headers(request)
+    )
     if answer.body is not None:
         # Its blobs are what this client asks for next (proxy.cache.prefetch).
         request.app[keys.PREFETCH].image_served(
@@ -160,13 +161,7 @@ async def _manifest(
 
 def _repeat(request: web.Request, prepared: Prepared) -> web.StreamResponse:
     """A manifest hit answered before (proxy.server.prepared), noted as the first one was."""
-    noted = keys.notes(request)
-    noted.route = ManifestPath.endpoint
-    noted.cache_kind = prepared.kind
-    noted.cache_result = CacheResult.HIT
-    noted.upstream = prepared.upstream.name
-    noted.repository = prepared.repository_key
-    noted.identity = ANONYMOUS
+    prepared.note(keys.notes(request))
     answer = prepared.answer
     if answer.body is not None:
         request.app[keys.PREFETCH].image_served(
@@ -206,8 +201,14 @@ async def _referrers(
 
 
 async def add_protocol_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+    response.headers.update(protocol_headers(request))
+
+
+def protocol_headers(request: web.BaseRequest) -> dict[str, str]:
+    """The headers every response carries."""
+    headers = {"Docker-Distribution-API-Version": "registry/2.0"}
     # OCI distribution spec: a mirror that uses `ns` says so by echoing it.
     ns = request.query.get("ns")
     if ns is not None and is_registry_host(ns):
-        response.headers["OCI-Namespace"] = ns
+        headers["OCI-Namespace"] = ns
+    return headers

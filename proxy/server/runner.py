@@ -23,7 +23,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any, Final
@@ -35,6 +35,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.errors import ErrorCode, RegistryError
+from proxy.server import keys
+from proxy.server.repeats import Repeats
 
 log = logging.getLogger("registry_proxy.http")
 
@@ -49,6 +51,18 @@ MALFORMED_WINDOW_SECONDS: Final = 60.0
 _REQUEST_LINE: Final = re.compile(
     rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+ )?(?:/|\*|[A-Za-z][A-Za-z0-9+.-]*://)"
 )
+
+
+class _Sent(web.StreamResponse):
+    """What a request answered at the connection returns to aiohttp's connection loop, which
+    reads only whether to keep the connection open. Never prepared: its bytes went out."""
+
+    @property
+    def keep_alive(self) -> bool:
+        return True
+
+
+SENT: Final = _Sent()
 
 
 class MalformedRequestLog:
@@ -110,13 +124,32 @@ def _is_tls_handshake(exc: BadHttpMethod) -> bool:
 
 
 class MirrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering requests its parser refused (see module doc)."""
+    """aiohttp's connection handler, answering requests its parser refused (see module doc) and
+    repeated manifest hits (`proxy.server.repeats`) itself."""
 
-    __slots__ = ("_malformed",)
+    __slots__ = ("_malformed", "_repeats")
 
-    def __init__(self, manager: web.Server, malformed: MalformedRequestLog, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        malformed: MalformedRequestLog,
+        repeats: Repeats | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._malformed = malformed
+        self._repeats = repeats
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        repeats, transport = self._repeats, self.transport
+        if repeats is not None and transport is not None and repeats.answer(request, transport):
+            return SENT, False
+        return await super()._handle_request(request, start_time, request_handler)
 
     def handle_error(
         self,
@@ -143,7 +176,9 @@ class MirrorRequestHandler(RequestHandler):
 class MirrorServer(web.Server):
     """The low-level server an app runner makes, making connections with `MirrorRequestHandler`."""
 
-    def __init__(self, made: web.Server, malformed: MalformedRequestLog) -> None:
+    def __init__(
+        self, made: web.Server, malformed: MalformedRequestLog, repeats: Repeats | None
+    ) -> None:
         super().__init__(
             made.request_handler,
             request_factory=made.request_factory,
@@ -152,9 +187,12 @@ class MirrorServer(web.Server):
             **made._kwargs,
         )
         self.malformed = malformed
+        self.repeats = repeats
 
     def __call__(self) -> RequestHandler:
-        return MirrorRequestHandler(self, self.malformed, loop=self._loop, **self._kwargs)
+        return MirrorRequestHandler(
+            self, self.malformed, self.repeats, loop=self._loop, **self._kwargs
+        )
 
 
 class MirrorRunner(web.AppRunner):
@@ -166,7 +204,9 @@ class MirrorRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         # The app's own server (startup run, handler arguments resolved), as a MirrorServer.
-        return MirrorServer(await super()._make_server(), self.malformed)
+        made = await super()._make_server()
+        repeats = Repeats(self.app) if keys.PREPARED in self.app else None
+        return MirrorServer(made, self.malformed, repeats)
 
 
 def serve(

@@ -7,6 +7,7 @@
   the command line or in a TOML file (``config``).
 - :class:`MirrorProcesses`: starts mirrors in fresh directories and stops them all at the end.
 - :data:`StartMirror`: the type of the ``mirror`` fixture that starts the app in-process.
+- :class:`MirrorTestServer`: aiohttp's test server with the mirror's own connection handler.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from harness.ports import free_port
 from harness.processes import Service
+from proxy.server.runner import MirrorRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # How long the mirror's log writer may take to write a line out (it batches every 10 ms).
@@ -32,6 +34,14 @@ LOG_SETTLE_SECONDS = 10.0
 # The ``mirror`` fixture of tests/conftest.py: ``await mirror(**settings)`` starts the app
 # in-process in front of the fake upstream and returns a test client for it.
 StartMirror = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class MirrorTestServer(TestServer):
+    """The app served as `proxy serve` serves it: with `MirrorRequestHandler`, which answers
+    malformed requests and repeated manifest hits itself."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return MirrorRunner(self.app, **kwargs)
 
 
 def proxy_command(*args: str) -> list[str]:

@@ -1,0 +1,68 @@
+"""A repeated manifest hit answered at the connection, before aiohttp routes the request.
+
+`proxy.server.prepared` keeps a hit's response for repeats; answered through the app, a repeat
+still pays for routing, both middlewares, a response object, its headers' serialisation and the
+response signal, which together cost more than the answer itself. The connection handler
+(`proxy.server.runner.MirrorRequestHandler`) asks `answer` first: when the request is a plain
+HTTP/1.1 keep-alive GET or HEAD without a body that a prepared answer fits, the prepared bytes
+(the same bytes aiohttp would send, with the current Date) go to the socket, and the request is
+counted, logged and prefetched for as the app would (`middleware.account`). Anything else, a
+relay between workers or a client whose socket has not taken earlier answers, goes through the
+app unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from proxy.server import keys
+from proxy.server.middleware import account
+from proxy.server.prepared import HttpDate, PreparedAnswers
+from proxy.workers.sharding import RELAY_HEADER
+
+# A client that does not read what it asked for gets its next answers through aiohttp, which
+# waits for the socket to drain.
+MAX_UNSENT: Final = 64 * 1024
+
+
+class Repeats:
+    """What a connection handler needs to answer repeats of one app."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.answers: PreparedAnswers = app[keys.PREPARED]
+        self.prefetch = app[keys.PREFETCH]
+        self.date = HttpDate()
+
+    def answer(self, request: web.BaseRequest, transport: asyncio.Transport) -> bool:
+        """Answer `request` if it repeats a prepared hit; False: the app answers it."""
+        if (
+            request.version != HttpVersion11
+            or not request.keep_alive
+            or request.body_exists
+            or RELAY_HEADER in request.headers
+            or transport.get_write_buffer_size() > MAX_UNSENT
+        ):
+            return False
+        prepared = self.answers.get(request)
+        if prepared is None:
+            return False
+        started = time.monotonic()
+        transport.write(prepared.wire(self.date()))
+        noted = keys.Notes()
+        prepared.note(noted)
+        answer = prepared.answer
+        if answer.body is not None:
+            self.prefetch.image_served(
+                prepared.upstream, prepared.repository, answer.digest, answer.body
+            )
+            sent = len(answer.body)
+        else:
+            sent = 0
+        account(self.app, request, noted, 200, sent, started)
+        return True
