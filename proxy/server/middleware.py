@@ -98,16 +98,17 @@ def log_access(
     agent = request.headers.get("User-Agent")
     if (direct := direct_lines(access_log)) is not None:
         # The JSON text itself, as json.dumps would write these fields (one line per request:
-        # an f-string is a fraction of a dict's encoding).
-        cause = "" if aborted is None else f', "abort_cause": {_json(aborted)}'
-        members = (
-            f'"remote": {_json(remote)}, "method": {_json(method)}, "path": {_json(path)}, '
-            f'"route": {_json(route)}, "status": {status:d}, "bytes": {sent:d}, '
-            f'"aborted": {"false" if aborted is None else "true"}, '
-            f'"duration_ms": {duration_ms!r}, "cache": {_json(cache)}, '
-            f'"upstream": {_json(upstream)}, "identity": {_json(identity)}, '
-            f'"user_agent": {_json(agent)}{cause}'
-        )
+        # an f-string is a fraction of a dict's encoding), around the text of the fields
+        # that repeat from request to request, made once.
+        key = (method, path, route, status, sent, aborted, cache, upstream, identity)
+        if (around := _AROUND.get(key)) is None:
+            around = _around(*key)
+            if len(path) <= MAX_KEPT_PATH:
+                if len(_AROUND) >= MAX_KEPT_LINES:
+                    _AROUND.clear()
+                _AROUND[key] = around
+        before, middle, after = around
+        members = f'"remote": {_json(remote)}, {before}{duration_ms!r}{middle}{_json(agent)}{after}'
         direct.write(level, access_log.name, members)
         return
     fields: dict[str, Any] = {
@@ -139,6 +140,37 @@ def log_access(
         extra={"access": fields},
     )
     access_log.handle(record)
+
+
+# What an access line's fields other than the remote address, the duration and the user agent
+# come to, for lines seen lately: a bounded table of bounded keys.
+Around = tuple[str, str, str]
+_AROUND: dict[tuple[str, str, str, int, int, str | None, str, str | None, str | None], Around] = {}
+MAX_KEPT_LINES: Final = 4096
+MAX_KEPT_PATH: Final = 512
+
+
+def _around(
+    method: str,
+    path: str,
+    route: str,
+    status: int,
+    sent: int,
+    aborted: str | None,
+    cache: str,
+    upstream: str | None,
+    identity: str | None,
+) -> Around:
+    """The JSON text between the remote address and the duration, between the duration and the
+    user agent, and after the user agent."""
+    return (
+        f'"method": {_json(method)}, "path": {_json(path)}, "route": {_json(route)}, '
+        f'"status": {status:d}, "bytes": {sent:d}, '
+        f'"aborted": {"false" if aborted is None else "true"}, "duration_ms": ',
+        f', "cache": {_json(cache)}, "upstream": {_json(upstream)}, '
+        f'"identity": {_json(identity)}, "user_agent": ',
+        "" if aborted is None else f', "abort_cause": {_json(aborted)}',
+    )
 
 
 def _json(text: str | None) -> str:

@@ -46,31 +46,37 @@ def lines(text: str) -> list[dict[str, object]]:
 
 def test_an_access_line_made_directly_reads_as_its_record_would(json_log: io.StringIO) -> None:
     path = "/v2/team/app/manifests/1.0?ns=docker.io&odd=%22q%22"
-    request = make_mocked_request("GET", path, headers={"User-Agent": 'ctr "\u2603"\t'})
     noted = keys.Notes(Endpoint.MANIFEST, upstream="docker.io", identity="anonymous")
     access = logging.getLogger(ACCESS)
     listener = logging.NullHandler()  # on the access logger itself: records, not direct lines
+    # The same fields twice with another agent and duration: the second line reuses the text
+    # made for the first.
+    agents = ('ctr "\u2603"\t', None, "skopeo/1.13")
     for aborted in (None, "client"):
         noted.aborted = aborted
-        log_access(request, noted, 200, "hit", 949, 0.000_25)
-        access.addHandler(listener)
-        log_access(request, noted, 200, "hit", 949, 0.000_25)
-        access.removeHandler(listener)
+        for agent, duration in zip(agents, (0.000_25, 1.5, 0.1), strict=True):
+            headers = {} if agent is None else {"User-Agent": agent}
+            request = make_mocked_request("GET", path, headers=headers)
+            log_access(request, noted, 200, "hit", 949, duration)
+            access.addHandler(listener)
+            log_access(request, noted, 200, "hit", 949, duration)
+            access.removeHandler(listener)
     logging.getLogger().handlers[0].close()
 
     written = lines(json_log.getvalue())
-    assert len(written) == 4
+    assert len(written) == 12
     for entry in written:
         entry.pop("time")
-    made, recorded, made_cut, recorded_cut = written
+    made, recorded = written[0::2], written[1::2]
     assert made == recorded
-    assert made_cut == recorded_cut
-    assert (made["path"], made["user_agent"]) == (path, 'ctr "\u2603"\t')
-    assert (made["aborted"], made_cut["aborted"], made_cut["abort_cause"]) == (
-        False,
-        True,
-        "client",
-    )
+    assert [(entry["user_agent"], entry["duration_ms"]) for entry in made[:3]] == [
+        ('ctr "\u2603"\t', 0.25),
+        (None, 1500.0),
+        ("skopeo/1.13", 100.0),
+    ]
+    assert {entry["path"] for entry in made} == {path}
+    assert [entry["aborted"] for entry in made] == [False] * 3 + [True] * 3
+    assert {entry.get("abort_cause") for entry in made[3:]} == {"client"}
 
 
 def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
