@@ -46,6 +46,7 @@ class Repeats:
             or not request.keep_alive
             or request.body_exists
             or RELAY_HEADER in request.headers
+            or transport.is_closing()
             or transport.get_write_buffer_size() > MAX_UNSENT
         ):
             return False
