@@ -6,9 +6,9 @@ response signal, which together cost more than the answer itself. The connection
 (`proxy.server.runner.MirrorRequestHandler`) asks `answer` first: when the request is a plain
 HTTP/1.1 keep-alive GET or HEAD without a body that a prepared answer fits, the prepared bytes
 (the same bytes aiohttp would send, with the current Date) go to the socket, and the request is
-counted, logged and prefetched for as the app would (`middleware.account`). Anything else, a
-relay between workers or a client whose socket has not taken earlier answers, goes through the
-app unchanged.
+counted, logged and prefetched for as the app would (`middleware.account`). Anything else, or
+a client whose socket has not taken earlier answers, goes through the app unchanged, as do
+relays between workers (their connections get no `Repeats`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from aiohttp.http import HttpVersion11
 from proxy.server import keys
 from proxy.server.middleware import account
 from proxy.server.prepared import HttpDate, PreparedAnswers
-from proxy.workers.sharding import RELAY_HEADER
 
 # A client that does not read what it asked for gets its next answers through aiohttp, which
 # waits for the socket to drain.
@@ -45,7 +44,6 @@ class Repeats:
             request.version != HttpVersion11
             or not request.keep_alive
             or request.body_exists
-            or RELAY_HEADER in request.headers
             or transport.is_closing()
             or transport.get_write_buffer_size() > MAX_UNSENT
         ):

@@ -140,6 +140,13 @@ class MirrorRequestHandler(RequestHandler):
         self._malformed = malformed
         self._repeats = repeats
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(transport.get_extra_info("sockname"), str):
+            # A worker's Unix socket carries relays from the other workers: the worker a client
+            # talks to has counted and logged it (proxy.workers.sharding).
+            self._repeats = None
+
     async def _handle_request(
         self,
         request: BaseRequest,

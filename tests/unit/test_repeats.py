@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -132,7 +133,10 @@ async def test_a_repeat_is_the_first_hits_bytes_sent_at_the_connection(
 
 
 async def test_requests_a_connection_answer_does_not_fit_go_through_the_app(
-    mirror: StartMirror, fake_upstream: FakeUpstreamServer, app_repeats: mock.Mock
+    mirror: StartMirror,
+    fake_upstream: FakeUpstreamServer,
+    app_repeats: mock.Mock,
+    tmp_path: Path,
 ) -> None:
     client, manifest = await warmed(mirror, fake_upstream)
     connection = await Connection.open(client)
@@ -141,9 +145,9 @@ async def test_requests_a_connection_answer_does_not_fit_go_through_the_app(
     await connection.send(request("GET", TAG_PATH, "Content-Length: 2") + b"{}")
     with_body = await connection.response()
     await connection.send(request("GET", TAG_PATH, f"{RELAY_HEADER}: 1"))
-    claimed_relay = await connection.response()  # over TCP: an ordinary client
+    claimed_relay = await connection.response()  # over TCP: an ordinary client's repeat
     await connection.close()
-    assert app_repeats.call_count == 2
+    assert app_repeats.call_count == 1
     assert with_body.endswith(manifest)
     assert claimed_relay.endswith(manifest)
 
@@ -159,6 +163,17 @@ async def test_requests_a_connection_answer_does_not_fit_go_through_the_app(
         assert answer.endswith(manifest)
         assert await connection.reader.read() == b""  # closed after it
         await connection.close()
+    assert app_repeats.call_count == 3
+
+    # A worker's Unix socket carries relays between workers: the app answers those.
+    assert client.server.runner is not None
+    site = web.UnixSite(client.server.runner, str(tmp_path / "worker.sock"))
+    await site.start()
+    relay = Connection(*await asyncio.open_unix_connection(str(tmp_path / "worker.sock")))
+    await relay.send(request("GET", TAG_PATH, f"{RELAY_HEADER}: 1"))
+    assert (await relay.response()).endswith(manifest)
+    await relay.close()
+    await site.stop()
     assert app_repeats.call_count == 4
 
 
