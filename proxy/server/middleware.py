@@ -93,13 +93,12 @@ def log_access(
     if not access_log.isEnabledFor(level):
         return
     remote, method, path = request.remote, request.method, request.raw_path
-    duration_ms = round(duration * 1000, 3)
     upstream, identity, aborted = noted.upstream, noted.identity, noted.aborted
     agent = request.headers.get("User-Agent")
     if (direct := direct_lines(access_log)) is not None:
-        # The JSON text itself, as json.dumps would write these fields (one line per request:
-        # an f-string is a fraction of a dict's encoding), around the text of the fields
-        # that repeat from request to request, made once.
+        # The JSON text itself, as json.dumps would write these fields (an f-string is a
+        # fraction of a dict's encoding), around the text of the fields that repeat from
+        # request to request, made once; the line is made with its batch.
         key = (method, path, route, status, sent, aborted, cache, upstream, identity)
         if (around := _AROUND.get(key)) is None:
             around = _around(*key)
@@ -107,10 +106,9 @@ def log_access(
                 if len(_AROUND) >= MAX_KEPT_LINES:
                     _AROUND.clear()
                 _AROUND[key] = around
-        before, middle, after = around
-        members = f'"remote": {_json(remote)}, {before}{duration_ms!r}{middle}{_json(agent)}{after}'
-        direct.write(level, access_log.name, members)
+        direct.write(level, access_log.name, _members, (remote, duration, agent, around))
         return
+    duration_ms = round(duration * 1000, 3)
     fields: dict[str, Any] = {
         "remote": remote,
         "method": method,
@@ -148,6 +146,13 @@ Around = tuple[str, str, str]
 _AROUND: dict[tuple[str, str, str, int, int, str | None, str, str | None, str | None], Around] = {}
 MAX_KEPT_LINES: Final = 4096
 MAX_KEPT_PATH: Final = 512
+
+
+def _members(values: tuple[str | None, float, str | None, Around]) -> str:
+    """An access line's own JSON members, from what `log_access` kept of its request."""
+    remote, duration, agent, (before, middle, after) = values
+    duration_ms = round(duration * 1000, 3)
+    return f'"remote": {_json(remote)}, {before}{duration_ms!r}{middle}{_json(agent)}{after}'
 
 
 def _around(
