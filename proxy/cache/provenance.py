@@ -21,6 +21,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Final
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 FILE_NAME: Final = "provenance.sqlite"
 # Pairs known to be recorded, kept in memory so a hit costs no query; cleared when this large.
 MEMORY_LIMIT: Final = 1_000_000
+
+# How long a connection waits for another process's lock, and between tries to open the file.
+BUSY_TIMEOUT: Final = 5.0
+OPEN_RETRY_SECONDS: Final = 0.01
 
 Pair = tuple[str, str]  # (upstream name, repository name)
 
@@ -53,23 +58,44 @@ class Provenance:
     def open(self) -> None:
         if self.path is None:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = self._connect()
-            self._writer.execute("PRAGMA journal_mode=WAL")
-            self._writer.execute(
-                "CREATE TABLE IF NOT EXISTS seen (digest TEXT, upstream TEXT, repository TEXT,"
-                " PRIMARY KEY (digest, upstream, repository)) WITHOUT ROWID"
-            )
-            self._writer.commit()
-            self._reader = self._connect()
-        except sqlite3.Error as exc:
-            log.warning("provenance kept in memory only: cannot use %s: %s", self.path, exc)
-            self.close()
+        # Workers open the file at the same moment: switching a new file to WAL, SQLite answers
+        # "locked" at once rather than through its busy timeout, so that is waited out here.
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                self.close()
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    log.warning("provenance kept in memory only: cannot use %s: %s", self.path, exc)
+                    return
+                time.sleep(OPEN_RETRY_SECONDS)
+            except sqlite3.Error as exc:
+                log.warning("provenance kept in memory only: cannot use %s: %s", self.path, exc)
+                self.close()
+                return
+
+    def _open(self) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS seen (digest TEXT, upstream TEXT, repository TEXT,"
+            " PRIMARY KEY (digest, upstream, repository)) WITHOUT ROWID"
+        )
+        self._writer.commit()
+        self._reader = self._connect()
+
+    @property
+    def persistent(self) -> bool:
+        """Whether pairs go to the file (else they are kept in memory only)."""
+        return self._writer is not None
 
     def _connect(self) -> sqlite3.Connection:
         assert self.path is not None
-        connection = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False)
         connection.execute("PRAGMA synchronous=NORMAL")
         return connection
 

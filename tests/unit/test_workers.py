@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,8 @@ import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
 from harness.mirror import Mirror
+
+from proxy.cache.provenance import Provenance
 
 WORKERS = 2
 
@@ -214,3 +217,19 @@ async def test_worker_sockets_and_cache_files_are_private_to_the_mirror_user(
             assert mode(blob.parent) == mode(blob.parent.parent) == 0o700
     finally:
         os.umask(previous)
+
+
+def test_workers_opening_the_provenance_record_at_once_all_keep_it(tmp_path: Path) -> None:
+    """SQLite answers "locked" at once, not after its busy timeout, to a second process switching
+    a new file to WAL: every worker still ends up with the shared file, none in memory only."""
+    for attempt in range(100):
+        cache_dir = tmp_path / str(attempt)
+        records = [Provenance(cache_dir) for _ in range(2)]
+        opening = [threading.Thread(target=record.open) for record in records]
+        for thread in opening:
+            thread.start()
+        for thread in opening:
+            thread.join()
+        assert all(record.persistent for record in records), attempt
+        for record in records:
+            record.close()
