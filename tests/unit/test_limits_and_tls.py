@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from fakeupstream import FakeUpstreamServer
+from fakeupstream import ACCEPT_ALL_MANIFESTS, FakeUpstreamServer
 from harness.mirror import StartMirror, serve_command
 from harness.ports import free_port
 from yarl import URL
@@ -96,6 +96,8 @@ def pem_fingerprint(cert: Path) -> bytes:
 async def test_https_is_served_and_a_sighup_reloads_the_certificate(
     fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
+    image = fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
+    accept = {"Accept": ACCEPT_ALL_MANIFESTS}
     first_cert, first_key = make_certificate(tmp_path, "first")
     second_cert, second_key = make_certificate(tmp_path, "second")
     cert, key = tmp_path / "live.crt", tmp_path / "live.key"
@@ -122,6 +124,22 @@ async def test_https_is_served_and_a_sighup_reloads_the_certificate(
         async with aiohttp.ClientSession() as session:
             response = await session.get(f"https://127.0.0.1:{port}/v2/", ssl=False)
             assert response.status == 200
+            # Repeated hits on one TLS connection: the later ones answered at the connection
+            # (proxy.server.repeats), through the TLS transport.
+            url = f"https://127.0.0.1:{port}/v2/team/app/manifests/1.0"
+            answers = []
+            for _ in range(4):
+                async with session.get(url, headers=accept, ssl=False) as manifest:
+                    answers.append(
+                        (manifest.status, manifest.headers["X-Cache"], await manifest.read())
+                    )
+            assert [(status, cache) for status, cache, _ in answers] == [
+                (200, "MISS"),
+                (200, "HIT"),
+                (200, "HIT"),
+                (200, "HIT"),
+            ]
+            assert {body for _, _, body in answers} == {image.manifest_bytes}
 
         cert.write_bytes(second_cert.read_bytes())
         key.write_bytes(second_key.read_bytes())
