@@ -52,8 +52,8 @@ class Prepared:
     kind: str  # "tag" or "manifest", as the cache metrics count it
     # The HTTP/1.1 response up to its Date value, and what follows it (headers as aiohttp
     # orders them: the handler's, Content-Length, Date, Server, then the protocol's).
-    before_date: bytes = field(default=b"", repr=False)
-    after_date: bytes = field(default=b"", repr=False)
+    before_date: bytes = field(repr=False)
+    after_date: bytes = field(repr=False)
 
     def wire(self, date: bytes) -> bytes:
         return b"".join((self.before_date, date, self.after_date))

@@ -153,6 +153,8 @@ class MirrorRequestHandler(RequestHandler):
         start_time: float | None,
         request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
+        # aiohttp's per-request step, called with the parsed request before any routing (a
+        # private method: tests/unit/test_repeats.py fails if it is no longer called).
         repeats, transport = self._repeats, self.transport
         if repeats is not None and transport is not None and repeats.answer(request, transport):
             return SENT, False
