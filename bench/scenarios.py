@@ -298,6 +298,36 @@ async def _wrk(url: str, seconds: float) -> tuple[Metrics, int]:
     }, int(total.group(1))
 
 
+class HostSteal:
+    """The share of this machine's CPU time its host took back while a block ran (`steal` in
+    /proc/stat, in per cent): a virtual machine whose host throttles it stops for whole
+    scheduling periods, so a run with steal is slower, and its tail latency longer, through no
+    fault of the mirror's."""
+
+    def __init__(self) -> None:
+        self.percent = 0.0
+        self._start = (0, 0)
+
+    @staticmethod
+    def _counters() -> tuple[int, int]:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return 0, 0
+        ticks = [int(field) for field in fields]
+        steal = ticks[7] if len(ticks) > 7 else 0
+        return steal, sum(ticks)
+
+    def __enter__(self) -> HostSteal:
+        self._start = self._counters()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        steal, total = self._counters()
+        elapsed = total - self._start[1]
+        self.percent = 100 * (steal - self._start[0]) / elapsed if elapsed > 0 else 0.0
+
+
 async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
     """``wrk`` at 64 connections: the medium manifest by digest, then by tag (already pulled)."""
     image = ctx.fixtures.medium
@@ -305,9 +335,11 @@ async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
     out: Metrics = {}
     for kind, ref in (("digest", image.manifest_digest), ("tag", image.tag)):
         ctx.lan.reset()
-        metrics, requests = await _wrk(f"{base}/{ref}", ctx.wrk_seconds)
+        with HostSteal() as steal:
+            metrics, requests = await _wrk(f"{base}/{ref}", ctx.wrk_seconds)
         upstream = (await ctx.lan.settle()).downstream
         out.update({f"{kind}_{name}": value for name, value in metrics.items()})
+        out[f"{kind}_steal_pct"] = steal.percent
         # Bytes the upstream sent per request served: 0 when hits never leave the mirror.
         out[f"{kind}_upstream_bytes_per_req"] = upstream / max(requests, 1)
     return out
@@ -358,10 +390,11 @@ async def herd(peer: Peer, ctx: Context) -> Results:
     """N concurrent cold pulls of the medium image through a fresh mirror."""
     image = ctx.fixtures.medium
     ctx.lan.reset()
-    async with MemorySampler(peer.pids()) as memory, profiled(peer, ctx, "herd"):
-        released, found = await run_pulls(
-            peer.url, image, pulls=ctx.herd_clients, processes=ctx.herd_processes
-        )
+    with HostSteal() as steal:
+        async with MemorySampler(peer.pids()) as memory, profiled(peer, ctx, "herd"):
+            released, found = await run_pulls(
+                peer.url, image, pulls=ctx.herd_clients, processes=ctx.herd_processes
+            )
     upstream = (await ctx.lan.settle()).downstream
     seconds = sorted(pull.seconds for pull in found)
     first_bytes = sorted(pull.first_byte - released for pull in found if pull.first_byte)
@@ -374,6 +407,7 @@ async def herd(peer: Peer, ctx: Context) -> Results:
             "first_ttfb_s": first_bytes[0],
             "last_ttfb_s": first_bytes[-1],
             "ttfb_spread_ms": (first_bytes[-1] - first_bytes[0]) * 1000,
+            "steal_pct": steal.percent,
         },
         "memory": {"herd_peak_mib": memory.peak_mib},
     }

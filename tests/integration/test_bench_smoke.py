@@ -47,6 +47,10 @@ def test_quick_bench_reports_every_scenario_for_every_mirror(tmp_path: Path) -> 
         assert result["scenarios"][scenario]["direct"]
     # The bare-aiohttp floor answers the same wrk runs, so hits are reported as a fraction of it.
     assert result["scenarios"]["manifest_hits"]["floor"]["tag_rps"]["median"] > 0
+    # What the host took back during the runs, so a disturbed run can be told from a slow mirror.
+    steal = result["scenarios"]["herd"]["ours"]["steal_pct"]["median"]
+    assert 0 <= steal <= 100
+    assert "host steal" in (tmp_path / "latest.md").read_text()
     assert result["goals"]
     assert (tmp_path / "latest.md").read_text().startswith("Run ")
 
