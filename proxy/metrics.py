@@ -125,6 +125,14 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        self.prepared_answers = Counter(
+            f"{PREFIX}_prepared_answers",
+            "Manifest hits answered from a prepared response (proxy.server.prepared), by where:"
+            " connection (as soon as parsed) or app (through routing, for requests the"
+            " connection does not take).",
+            ["answered"],
+            registry=r,
+        )
         self.cache_requests = Counter(
             f"{PREFIX}_cache_requests",
             "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale).",
@@ -210,6 +218,8 @@ class Metrics:
             self.served_bytes.labels(source)
         for cause in ABORT_CAUSES:
             self.aborted_responses.labels(cause)
+        for answered in ("connection", "app"):
+            self.prepared_answers.labels(answered)
         for kind in ("blob", "manifest", "tag"):
             for result in ("hit", "miss", "coalesced", "stale"):
                 self.cache_requests.labels(kind, result)

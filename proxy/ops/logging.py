@@ -2,7 +2,7 @@
 
 Every record is handed to one writer thread (`BackgroundHandler`), which formats it and writes
 whatever has arrived in one `write`: a slow log pipe never blocks the event loop. The access log,
-a line per request, skips the record: with the JSON format and no other handler in the way
+a line per request, skips the record when the format is JSON and no other handler is in the way
 (`direct_lines`): the request's values are kept, its line is made with the others of its batch
 on the event loop, and only written by the thread, which then holds the interpreter lock for
 almost nothing.

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -32,6 +32,9 @@ from proxy.server.access import ANONYMOUS
 from proxy.server.keys import Notes
 from proxy.upstream.client import Upstream
 from proxy.upstream.routing import Upstreams
+
+if TYPE_CHECKING:
+    from proxy.cache.prefetch import Prefetcher
 
 # Keys come from clients: a bounded table of bounded keys (past either, nothing is kept).
 MAX_ENTRIES: Final = 4096
@@ -62,14 +65,17 @@ class Prepared:
     def repository_key(self) -> str:
         return f"{self.upstream.name}/{self.repository.name}"
 
-    def note(self, noted: Notes) -> None:
-        """Note the repeat as the first hit was noted."""
+    def replay(self, noted: Notes, prefetch: Prefetcher) -> None:
+        """What the first hit did besides answering: note it, and tell prefetch."""
         noted.route = ManifestPath.endpoint
         noted.cache_kind = self.kind
         noted.cache_result = CacheResult.HIT
         noted.upstream = self.upstream.name
         noted.repository = self.repository_key
         noted.identity = ANONYMOUS
+        answer = self.answer
+        if answer.body is not None:
+            prefetch.image_served(self.upstream, self.repository, answer.digest, answer.body)
 
     def holds(self, generation: int, now: float) -> bool:
         """Whether the answer still holds with the tag cache at `generation`, at `now`."""

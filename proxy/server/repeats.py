@@ -36,6 +36,7 @@ class Repeats:
         self.app = app
         self.answers: PreparedAnswers = app[keys.PREPARED]
         self.prefetch = app[keys.PREFETCH]
+        self.counted = app[keys.METRICS].prepared_answers.labels("connection")
         self.date = HttpDate()
 
     def answer(self, request: web.BaseRequest, transport: asyncio.Transport) -> bool:
@@ -54,14 +55,8 @@ class Repeats:
         started = time.monotonic()
         transport.write(prepared.wire(self.date()))
         noted = keys.Notes()
-        prepared.note(noted)
-        answer = prepared.answer
-        if answer.body is not None:
-            self.prefetch.image_served(
-                prepared.upstream, prepared.repository, answer.digest, answer.body
-            )
-            sent = len(answer.body)
-        else:
-            sent = 0
-        account(self.app, request, noted, 200, sent, started)
+        prepared.replay(noted, self.prefetch)
+        self.counted.inc()
+        body = prepared.answer.body
+        account(self.app, request, noted, 200, 0 if body is None else len(body), started)
         return True

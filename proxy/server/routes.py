@@ -161,12 +161,9 @@ async def _manifest(
 
 def _repeat(request: web.Request, prepared: Prepared) -> web.StreamResponse:
     """A manifest hit answered before (proxy.server.prepared), noted as the first one was."""
-    prepared.note(keys.notes(request))
+    prepared.replay(keys.notes(request), request.app[keys.PREFETCH])
+    request.app[keys.METRICS].prepared_answers.labels("app").inc()
     answer = prepared.answer
-    if answer.body is not None:
-        request.app[keys.PREFETCH].image_served(
-            prepared.upstream, prepared.repository, answer.digest, answer.body
-        )
     return _manifest_response(prepared.headers, answer.body, answer.size)
 
 

@@ -12,10 +12,14 @@ The ``ghcr.io`` tests need multi-upstream routing in the mirror (``?ns=`` and pa
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness.mirror import Mirror
 from harness.processes import Distribution
 from harness.skopeo import skopeo_copy
 from harness.verify import DIR_MANIFEST, verify_dir
@@ -229,3 +233,65 @@ def test_docker_engine_pulls_a_short_name_through_registry_mirrors_and_runs_it(
     assert digests == [f"matrix-docker@{image.digest}"]
     assert output.strip() == GREETING
     assert sent(forwarder, "/v2/library/matrix-docker/manifests/1.0")
+
+
+# --------------------------------------------------------------------------------------------
+# Every client, pulling again
+# --------------------------------------------------------------------------------------------
+
+
+def prepared_at_the_connection(mirror: Mirror) -> float:
+    """What the mirror answered from prepared responses as soon as a request was parsed
+    (`registry_proxy_prepared_answers_total{answered="connection"}`)."""
+    connection = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    pattern = r'^registry_proxy_prepared_answers_total\{answered="connection"\} (\S+)$'
+    found = re.search(pattern, text, re.M)
+    assert found is not None, "no prepared_answers series on /metrics"
+    return float(found.group(1))
+
+
+def test_every_client_pulling_again_is_answered_from_prepared_responses(
+    hub: Distribution,
+    publish: Publish,
+    mirror: Mirror,
+    forwarder: RecordingForwarder,
+    containerd: Containerd,
+    dockerd: Dockerd,
+    tmp_path: Path,
+) -> None:
+    """The third pull of an image repeats the second's manifest requests (each client's own
+    method, path and Accept list), which the mirror answers at the connection: every client
+    takes those answers and pulls the right image."""
+    conf = write_registries_conf(tmp_path, forwarder)
+    env = podman_env(tmp_path / "podman", conf)
+    hosts_dir = write_hosts_dir(tmp_path / "certs.d", forwarder)
+    pulls: dict[str, Callable[[int], object]] = {
+        "skopeo": lambda n: skopeo_copy("docker.io/library/again-skopeo:1.0", tmp_path / f"s{n}",
+                                        "--registries-conf", str(conf)),
+        "podman": lambda n: run(["podman", "pull", "--quiet",
+                                 "docker.io/library/again-podman:1.0"], env=env),
+        "containerd": lambda n: ctr_pull(containerd, hosts_dir,
+                                         "docker.io/library/again-containerd:1.0"),
+        "docker": lambda n: dockerd.docker("pull", "--quiet", "again-docker:1.0"),
+    }  # fmt: skip
+    images = {client: publish(hub, f"library/again-{client}", "1.0") for client in pulls}
+    for client, pull in pulls.items():
+        before = prepared_at_the_connection(mirror)
+        for n in range(3):
+            pull(n)
+        assert prepared_at_the_connection(mirror) > before, client
+
+    assert verify_dir(tmp_path / "s2")[DIR_MANIFEST] == images["skopeo"].digest
+    podman_digest = run(["podman", "image", "inspect", "--format", "{{.Digest}}",
+                         "docker.io/library/again-podman:1.0"], env=env)  # fmt: skip
+    assert podman_digest.strip() == images["podman"].digest
+    ctr_reference = "docker.io/library/again-containerd:1.0"
+    assert ctr_digest(containerd, ctr_reference) == images["containerd"].digest
+    digests = json.loads(dockerd.docker("image", "inspect", "--format", "{{json .RepoDigests}}",
+                                        "again-docker:1.0"))  # fmt: skip
+    assert digests == [f"again-docker@{images['docker'].digest}"]

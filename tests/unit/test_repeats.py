@@ -85,6 +85,12 @@ async def warmed(mirror: StartMirror, fake_upstream: FakeUpstreamServer) -> tupl
     return client, image.manifest_bytes
 
 
+def prepared_answers(client: Client, answered: str) -> float:
+    registry = client.app[state.METRICS].registry
+    labels = {"answered": answered}
+    return registry.get_sample_value("registry_proxy_prepared_answers_total", labels) or 0.0
+
+
 def hits(client: Client) -> float:
     registry = client.app[state.METRICS].registry
     labels = {"kind": "tag", "result": "hit"}
@@ -117,6 +123,8 @@ async def test_a_repeat_is_the_first_hits_bytes_sent_at_the_connection(
     assert ping.startswith(b"HTTP/1.1 200 OK\r\n")
     assert ping.endswith(b"{}")
     assert app_repeats.call_count == 0
+    assert prepared_answers(client, "connection") == 3
+    assert prepared_answers(client, "app") == 0
     # Counted as every hit is, and in the admin API's traffic.
     assert hits(client) == 5
     [(repository, served)] = client.app[state.TRAFFIC].top(1)
@@ -175,6 +183,8 @@ async def test_requests_a_connection_answer_does_not_fit_go_through_the_app(
     await relay.close()
     await site.stop()
     assert app_repeats.call_count == 4
+    assert prepared_answers(client, "app") == 4
+    assert prepared_answers(client, "connection") == 1  # the claimed relay over TCP
 
 
 async def test_a_client_not_reading_its_answers_is_answered_through_the_app(
