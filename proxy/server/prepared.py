@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 MAX_ENTRIES: Final = 4096
 MAX_KEY_LENGTH: Final = 2048
 
-Key = tuple[str, str, tuple[str, ...]]
+Key = tuple[str, str, frozenset[str]]
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -159,7 +159,9 @@ class HttpDate:
 def _key(request: web.BaseRequest) -> Key | None:
     if "If-None-Match" in request.headers:  # answered 304 or 200 by its value: not a repeat
         return None
-    accept = tuple(request.headers.getall("Accept", ()))
+    # dockerd sends its Accept lines in a new order each time (a Go map); the answer depends on
+    # the set of media types only.
+    accept = frozenset(request.headers.getall("Accept", ()))
     path = request.raw_path  # with its query: `ns` picks the upstream
     if len(path) + sum(map(len, accept)) > MAX_KEY_LENGTH:
         return None

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fakeupstream import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST, FakeUpstreamServer
 from harness.mirror import StartMirror
+from multidict import CIMultiDict
 
 from proxy.server import keys as state
 
@@ -114,6 +115,22 @@ async def test_a_conditional_request_or_another_accept_list_is_decided_afresh(
     docker_only = await client.get(TAG_PATH, headers={"Accept": DOCKER_MANIFEST})
     assert docker_only.status == 404
     assert prepared(client) == 1
+
+
+async def test_accept_lines_in_another_order_are_the_same_repeat(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer
+) -> None:
+    """dockerd sends one Accept line per media type, in a new order on every request."""
+    fake_upstream.registry.add_image("team/app", "1.0", [b"layer"])
+    client = await mirror()
+    lines = [line.strip() for line in ACCEPT_ALL_MANIFESTS.split(",")]
+    assert len(lines) > 2
+    for shift in range(3):
+        order = lines[shift:] + lines[:shift]
+        headers = CIMultiDict(("Accept", line) for line in order)
+        assert (await client.head(TAG_PATH, headers=headers)).status == 200
+    assert prepared(client) == 1
+    assert hits(client, "tag") == 2
 
 
 async def test_with_access_control_every_request_is_checked(
