@@ -205,6 +205,9 @@ async def evict(request: web.Request) -> web.Response:
         raise AdminError(409, f"{digest} is pinned; remove its image from the pins first")
     if not store.evict(digest):
         raise AdminError(404, f"{digest} is not in the cache")
+    # Nor served from memory: eviction is how content is taken out of the mirror.
+    mirror[keys.MANIFESTS].memo.forget(digest)
+    mirror[keys.PREPARED].forget(digest)
     return web.json_response({"digest": str(digest), "evicted": True})
 
 

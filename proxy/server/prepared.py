@@ -27,7 +27,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from proxy.cache.manifests import ManifestAnswer
 from proxy.cache.tags import TagCache
-from proxy.oci import CacheResult, ManifestPath, Repository
+from proxy.oci import CacheResult, Digest, ManifestPath, Repository
 from proxy.server.access import ANONYMOUS
 from proxy.server.keys import Notes
 from proxy.upstream.client import Upstream
@@ -94,6 +94,11 @@ class PreparedAnswers:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def forget(self, digest: Digest) -> None:
+        """Drop every answer that is `digest` (evicted by an operator)."""
+        for key in [key for key, entry in self._entries.items() if entry.answer.digest == digest]:
+            del self._entries[key]
 
     def get(self, request: web.BaseRequest) -> Prepared | None:
         if not self._entries or (key := _key(request)) is None:

@@ -256,6 +256,26 @@ async def test_evict_removes_a_blob_and_the_next_pull_fetches_it_again(admin: Ad
     assert registry.count("GET", f"/blobs/{layer}") == 2
 
 
+async def test_an_evicted_manifest_is_not_served_from_memory_afterwards(admin: Admin) -> None:
+    """Eviction is how an operator takes content out of the mirror: neither the in-memory copy
+    of a hot manifest nor a prepared repeat of it may outlive the file."""
+    registry = admin.upstream.registry
+    image = registry.add_image("team/app", "1", [b"layer"])
+    by_digest = f"/v2/{admin.upstream.host}/team/app/manifests/{image.manifest_digest}"
+    by_tag = f"/v2/{admin.upstream.host}/team/app/manifests/1"
+    for path in (by_digest, by_digest, by_digest, by_tag, by_tag, by_tag):
+        assert (await admin.pull(path)).status == 200
+    assert len(admin.app[state.PREPARED]) == 2
+
+    status, _ = await admin.call("POST", "/evict", json={"digest": image.manifest_digest})
+
+    assert status == 200
+    assert len(admin.app[state.PREPARED]) == 0
+    again = await admin.pull(by_digest)
+    assert again.headers["X-Cache"] == "MISS"
+    assert registry.count("GET", f"/manifests/{image.manifest_digest}") == 2
+
+
 async def test_evicting_what_is_not_cached_is_a_404_and_a_bad_digest_a_400(admin: Admin) -> None:
     status, answer = await admin.call("POST", "/evict", json={"digest": "sha256:" + "0" * 64})
     assert status == 404
