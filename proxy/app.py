@@ -149,6 +149,7 @@ def _provide(
     app[keys.METRICS] = metrics
     app[keys.ACCESS] = access
     app[keys.PROVENANCE] = provenance
+    store.eviction.on_evicted = provenance.forget
     app[keys.GUARD] = ProvenanceGuard(provenance, access, passing)
     app[keys.PASSTHROUGH] = UpstreamAccessCheck(provenance)
     app[keys.HEALTH] = HealthMonitor(metrics, store.temp_dir)
@@ -174,6 +175,8 @@ def _lifecycle(
         await store.open()
         await asyncio.to_thread(app[keys.PROVENANCE].open)
         async with contextlib.AsyncExitStack() as running:
+            if worker.index == 0:  # by the files, whichever worker holds them
+                await running.enter_async_context(app[keys.PROVENANCE].pruning(store.has_file))
             await running.enter_async_context(app[keys.HEALTH].running())
             if worker.index == 0:
                 await running.enter_async_context(operator.metrics_listener(app))
@@ -187,6 +190,7 @@ def _lifecycle(
         await app[keys.MANIFESTS].close()
         await store.close()
         app[keys.ACCESS].close()
+        await app[keys.PROVENANCE].idle()
         app[keys.PROVENANCE].close()
         await app[keys.UPSTREAMS].close()
         await app[keys.TAGS].close()

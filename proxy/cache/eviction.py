@@ -16,7 +16,7 @@ import errno
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +52,8 @@ class Eviction:
         self._trash_names = itertools.count()
         self.evictions = 0
         self.evicted_bytes = 0
+        # Told of every digest taken out of the cache (what was recorded of it can go too).
+        self.on_evicted: Callable[[Digest], None] | None = None
 
     @property
     def deleting(self) -> int:
@@ -126,6 +128,8 @@ class Eviction:
         if entry is None:
             return False
         self.delete_later(self.layout.blob_path(digest), digest, entry.size)
+        if self.on_evicted is not None:
+            self.on_evicted(digest)
         return True
 
     def make_room(self, incoming: int) -> bool:

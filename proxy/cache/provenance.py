@@ -12,19 +12,28 @@ one host share it)::
 
     seen(digest, upstream, repository)   one row per pair, never more than the upstreams confirmed
 
+Only cached content needs a record (what is not cached is fetched through the repository asked
+for, which is its own check): a digest's rows go when it is evicted, and those of digests no
+longer in the cache when the first worker starts, so the file stays in proportion to the
+cache. A row lost to a race (a digest evicted while fetched again) only costs one more question
+to the upstream.
+
 Who may be served what from this record is `proxy.server.guard`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from proxy.errors import RegistryError
 from proxy.oci import Digest
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ class Provenance:
         self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
         self._memory: dict[str, set[Pair]] = {}
+        self._writes: set[asyncio.Future[None]] = set()
         self._size = 0
 
     def open(self) -> None:
@@ -136,7 +146,7 @@ class Provenance:
             return
         self._remember(key, pair)
         if self._writer is not None:
-            asyncio.get_running_loop().run_in_executor(None, self._insert, key, pair)
+            self._in_thread(self._insert, key, pair)
 
     def _insert(self, digest: str, pair: Pair) -> None:
         with self._write_lock:
@@ -147,6 +157,72 @@ class Provenance:
                 self._writer.commit()
             except sqlite3.Error as exc:
                 log.warning("provenance not persisted: %s", exc)
+
+    def forget(self, digest: Digest) -> None:
+        """Drop what was recorded of `digest` (evicted); the row goes in a thread."""
+        key = str(digest)
+        self._size -= len(self._memory.pop(key, ()))
+        if self._writer is not None:
+            self._in_thread(self._delete, [key])
+
+    def _in_thread(self, write: Callable[..., None], *args: Any) -> None:
+        future = asyncio.get_running_loop().run_in_executor(None, write, *args)
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
+
+    async def idle(self) -> None:
+        """Wait for the writes under way (before `close`, which would drop those not begun)."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def prune(self, cached: Callable[[Digest], bool]) -> int:
+        """Drop the rows of every digest not `cached` (evicted before a crash, or by an older
+        release); blocking, for a thread. Returns how many digests went."""
+        if self._writer is None:
+            return 0
+        try:
+            # A connection of its own: the reader's serves lookups on the event loop meanwhile.
+            connection = self._connect()
+            try:
+                rows = connection.execute("SELECT DISTINCT digest FROM seen").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as exc:
+            log.warning("provenance not pruned: %s", exc)
+            return 0
+        gone = []
+        for (key,) in rows:
+            try:
+                digest = Digest.parse(str(key))
+            except RegistryError:
+                gone.append(str(key))
+                continue
+            if not cached(digest):
+                gone.append(str(key))
+        self._delete(gone)
+        if gone:
+            log.info("provenance: forgot %d digests no longer cached", len(gone))
+        return len(gone)
+
+    @contextlib.asynccontextmanager
+    async def pruning(self, cached: Callable[[Digest], bool]) -> AsyncIterator[None]:
+        """`prune` in a thread while the block runs (the mirror serves meanwhile)."""
+        task = asyncio.create_task(asyncio.to_thread(self.prune, cached))
+        try:
+            yield
+        finally:
+            await task
+
+    def _delete(self, digests: list[str]) -> None:
+        with self._write_lock:
+            if self._writer is None or not digests:
+                return
+            try:
+                rows = [(digest,) for digest in digests]
+                self._writer.executemany("DELETE FROM seen WHERE digest = ?", rows)
+                self._writer.commit()
+            except sqlite3.Error as exc:
+                log.warning("provenance not pruned: %s", exc)
 
     def _remember(self, digest: str, pair: Pair) -> None:
         if self._size >= MEMORY_LIMIT:

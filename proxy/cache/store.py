@@ -100,6 +100,10 @@ class BlobStore:
     def temp_path(self, digest: Digest) -> Path:
         return self.layout.temp_path(digest)
 
+    def has_file(self, digest: Digest) -> bool:
+        """Whether the digest's file is in the directory (this worker's or another's)."""
+        return self.blob_path(digest).exists()
+
     @property
     def budget(self) -> int:
         return self.eviction.budget
