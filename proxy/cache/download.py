@@ -2,7 +2,10 @@
 
 A download belongs to the store, not to the request that started it, so it outlives a client
 that disconnects. It is written to `tmp/` (see `proxy.cache.layout`), hashed as it streams,
-fsync()ed, and renamed into `blobs/` only when digest and size match. Every reader of that
+and renamed into `blobs/` only when digest and size match; its fsync follows in the background
+(`BlobStore.persist`), so no client waits on the disk for its last byte: a blob this process has
+not verified is hashed again before its first read (`BlobStore.ensure_verified`), so one torn by
+a power cut before its fsync is fetched again, never served. Every reader of that
 digest streams from the growing temporary file as bytes land (waiting on an event), then,
 after the rename, from the same inode; the last byte is held back until the whole blob
 verified, so no client ever receives a complete body with a bad digest. When the cache cannot
@@ -81,6 +84,8 @@ class DownloadHost(Protocol):
     def download_finished(self, download: Download) -> None: ...
 
     def count_mismatch(self, error: DigestMismatch) -> None: ...
+
+    def persist(self, fd: int) -> None: ...
 
 
 class State(enum.Enum):
@@ -204,7 +209,6 @@ class Download:
             raise DigestMismatch(self.digest, f"{self.written} of {self.size} bytes")
         if self.hasher.hexdigest() != self.digest.encoded:
             raise DigestMismatch(self.digest, "digest mismatch")
-        await asyncio.to_thread(os.fsync, self._fd)
         self._commit()
 
     def _start_over(self) -> None:
@@ -251,6 +255,7 @@ class Download:
         os.rename(self.temp_path, self.final_path)
         self.state = State.COMPLETE
         self.store.add_entry(self.digest, self.size)
+        self.store.persist(self._fd)
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, DigestMismatch):

@@ -77,6 +77,7 @@ class BlobStore:
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._small_writes: dict[Digest, asyncio.Task[None]] = {}
+        self._syncs: set[asyncio.Task[None]] = set()
         self.writable = True
         self.digest_mismatches = 0
 
@@ -166,9 +167,10 @@ class BlobStore:
         self.eviction.close()
 
     async def idle(self) -> None:
-        """Wait until evicted files are deleted and deferred manifest writes have landed."""
-        while self._small_writes:
-            await asyncio.gather(*self._small_writes.values(), return_exceptions=True)
+        """Wait until evicted files are deleted, deferred manifest writes have landed and
+        committed blobs reached the disk."""
+        while self._small_writes or self._syncs:
+            await asyncio.gather(*self._small_writes.values(), *self._syncs, return_exceptions=True)
         await self.eviction.idle()
 
     def _remove_abandoned_temps(self) -> int:
@@ -353,6 +355,23 @@ class BlobStore:
 
     def add_entry(self, digest: Digest, size: int) -> None:
         self.index.add(digest, Entry(size, time.time(), verified=True))
+
+    def persist(self, fd: int) -> None:
+        """fsync a committed blob's file in the background (its own descriptor: the download
+        closes its own); a failure only logs, as the blob is verified again after a restart."""
+        own = os.dup(fd)
+
+        async def sync() -> None:
+            try:
+                await asyncio.to_thread(os.fsync, own)
+            except OSError as exc:
+                log.warning("cannot fsync a cached blob: %s", exc)
+            finally:
+                os.close(own)
+
+        task = asyncio.get_running_loop().create_task(sync())
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
 
     def download_finished(self, download: Download) -> None:
         if self._downloads.get(download.digest) is download:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,35 @@ async def test_a_download_outlives_its_first_reader(store: BlobStore) -> None:
     assert download.task is not None
     await download.task
     assert store.blob_path(digest).read_bytes() == data
+
+
+async def test_readers_get_the_last_byte_before_the_fsync_which_follows_in_the_background(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk that takes its time to sync: the fsync blocks until the test lets it go.
+    disk = threading.Event()
+    synced: list[tuple[int, int]] = []
+
+    def slow_fsync(fd: int) -> None:
+        assert disk.wait(timeout=30)
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino))
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    digest, data = random_blob(300_000)
+    download, _ = store.download(digest, CountingOpener(data))
+
+    assert await asyncio.wait_for(read_all(download), timeout=10) == data
+    assert download.task is not None
+    await asyncio.wait_for(download.task, timeout=10)
+    assert download.state is State.COMPLETE
+    assert digest in store  # a hit from now on, its bytes verified
+    assert synced == []
+
+    disk.set()
+    await store.idle()
+    landed = store.blob_path(digest).stat()
+    assert synced == [(landed.st_dev, landed.st_ino)]
 
 
 async def test_a_blob_larger_than_the_budget_is_not_cached(tmp_path: Path) -> None:
