@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import resource
 import signal
@@ -178,7 +179,15 @@ async def run_pulls(
     return released, found
 
 
+async def settle_disks() -> None:
+    """Write back every dirty page before a timed block, so what a mirror (or the phase before)
+    left for the disk does not land in another's measurement: nginx and Distribution leave
+    their cache files to the kernel's write-back, ours syncs them in the background."""
+    await asyncio.to_thread(os.sync)
+
+
 async def pull_seconds(base: str, image: PushedImage) -> float:
+    await settle_disks()
     _, [pull] = await run_pulls(base, image)
     return pull.seconds
 
@@ -334,6 +343,7 @@ async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
     base = f"{peer.url}/v2/{image.repo}/manifests"
     out: Metrics = {}
     for kind, ref in (("digest", image.manifest_digest), ("tag", image.tag)):
+        await settle_disks()
         ctx.lan.reset()
         with HostSteal() as steal:
             metrics, requests = await _wrk(f"{base}/{ref}", ctx.wrk_seconds)
@@ -364,11 +374,13 @@ async def large_blob(peer: Peer, ctx: Context) -> tuple[Metrics, float]:
     image = ctx.fixtures.large
     digest, size = image.largest_blob
     url = f"{peer.url}/v2/{image.repo}/blobs/{digest}"
+    await settle_disks()
     ctx.lan.reset()
     got, cold_seconds = await _curl_blob(url)
     await ctx.lan.settle()
     if got != size:
         raise BenchError(f"cold fetch of the large blob from {peer.name}: {got} of {size} bytes")
+    await settle_disks()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     async with MemorySampler(peer.pids()) as memory, profiled(peer, ctx, "large_blob"):
         started = time.monotonic()
@@ -389,6 +401,7 @@ async def large_blob(peer: Peer, ctx: Context) -> tuple[Metrics, float]:
 async def herd(peer: Peer, ctx: Context) -> Results:
     """N concurrent cold pulls of the medium image through a fresh mirror."""
     image = ctx.fixtures.medium
+    await settle_disks()
     ctx.lan.reset()
     with HostSteal() as steal:
         async with MemorySampler(peer.pids()) as memory, profiled(peer, ctx, "herd"):
