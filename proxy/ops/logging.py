@@ -19,10 +19,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
-T = TypeVar("T")
 
 
 class JsonFormatter(logging.Formatter):
@@ -152,17 +151,19 @@ class DirectLines:
     def __init__(self, handler: BackgroundHandler, formatter: JsonFormatter) -> None:
         self.handler = handler
         self.formatter = formatter
-        self._pending: list[tuple[float, int, str, Callable[[Any], str], Any]] = []
+        self._pending: list[tuple[float, int, str, str, float, str]] = []
         self._lock = threading.Lock()  # records may come from other threads
         handler.before_record = self.flush
 
-    def write(self, level: int, logger: str, members: Callable[[T], str], values: T) -> None:
+    def write(self, level: int, logger: str, before: str, number: float, after: str) -> None:
         """A line of `logger` at `level` whose own members (after time, level and logger) are
-        `members(values)`: JSON text, `"name": value` pairs joined by `, `, as `json.dumps`
-        writes them. `members` runs when the batch goes out, so `values` must not change."""
+        `before`, `number` with three decimals, then `after`: JSON text, `"name": value` pairs
+        joined by `, `, as `json.dumps` writes them (an access line: its duration is all that
+        changes from one request to the next)."""
         with self._lock:
-            self._pending.append((time.time(), level, logger, members, values))
-            first = len(self._pending) == 1
+            pending = self._pending
+            pending.append((time.time(), level, logger, before, number, after))
+            first = len(pending) == 1
         if first:
             try:
                 loop = asyncio.get_running_loop()
@@ -177,8 +178,8 @@ class DirectLines:
         if pending:
             head = self.formatter.line_head
             text = "".join(
-                [f"{head(created, level, logger)}, {members(values)}}}\n"
-                 for created, level, logger, members, values in pending]
+                [f"{head(created, level, logger)}, {before}{number:.3f}{after}}}\n"
+                 for created, level, logger, before, number, after in pending]
             )  # fmt: skip
             self.handler.emit_line(text)
 

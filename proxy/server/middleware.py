@@ -97,16 +97,18 @@ def log_access(
     agent = request.headers.get("User-Agent")
     if (direct := direct_lines(access_log)) is not None:
         # The JSON text itself, as json.dumps would write these fields (an f-string is a
-        # fraction of a dict's encoding), around the text of the fields that repeat from
-        # request to request, made once; the line is made with its batch.
-        key = (method, path, route, status, sent, aborted, cache, upstream, identity)
+        # fraction of a dict's encoding): all but the duration repeat from request to request
+        # (a node asks for the same things again), so their text is made once; the line is
+        # made with its batch.
+        key = (remote, agent, method, path, route, status, sent, aborted, cache, upstream, identity)
         if (around := _AROUND.get(key)) is None:
             around = _around(*key)
-            if len(path) <= MAX_KEPT_PATH:
+            if len(path) <= MAX_KEPT_PATH and (agent is None or len(agent) <= MAX_KEPT_PATH):
                 if len(_AROUND) >= MAX_KEPT_LINES:
                     _AROUND.clear()
                 _AROUND[key] = around
-        direct.write(level, access_log.name, _members, (remote, duration, agent, around))
+        # The duration in ms with three decimals: as round(duration_ms, 3) reads back.
+        direct.write(level, access_log.name, around[0], duration * 1000, around[1])
         return
     duration_ms = round(duration * 1000, 3)
     fields: dict[str, Any] = {
@@ -140,22 +142,20 @@ def log_access(
     access_log.handle(record)
 
 
-# What an access line's fields other than the remote address, the duration and the user agent
-# come to, for lines seen lately: a bounded table of bounded keys.
-Around = tuple[str, str, str]
-_AROUND: dict[tuple[str, str, str, int, int, str | None, str, str | None, str | None], Around] = {}
+# What an access line's fields other than the duration come to, for lines seen lately: a
+# bounded table of bounded keys.
+Around = tuple[str, str]
+AroundKey = tuple[
+    str | None, str | None, str, str, str, int, int, str | None, str, str | None, str | None
+]
+_AROUND: dict[AroundKey, Around] = {}
 MAX_KEPT_LINES: Final = 4096
 MAX_KEPT_PATH: Final = 512
 
 
-def _members(values: tuple[str | None, float, str | None, Around]) -> str:
-    """An access line's own JSON members, from what `log_access` kept of its request."""
-    remote, duration, agent, (before, middle, after) = values
-    duration_ms = round(duration * 1000, 3)
-    return f'"remote": {_json(remote)}, {before}{duration_ms!r}{middle}{_json(agent)}{after}'
-
-
 def _around(
+    remote: str | None,
+    agent: str | None,
     method: str,
     path: str,
     route: str,
@@ -166,15 +166,14 @@ def _around(
     upstream: str | None,
     identity: str | None,
 ) -> Around:
-    """The JSON text between the remote address and the duration, between the duration and the
-    user agent, and after the user agent."""
+    """The JSON text of an access line's members before its duration and after it."""
     return (
-        f'"method": {_json(method)}, "path": {_json(path)}, "route": {_json(route)}, '
-        f'"status": {status:d}, "bytes": {sent:d}, '
+        f'"remote": {_json(remote)}, "method": {_json(method)}, "path": {_json(path)}, '
+        f'"route": {_json(route)}, "status": {status:d}, "bytes": {sent:d}, '
         f'"aborted": {"false" if aborted is None else "true"}, "duration_ms": ',
         f', "cache": {_json(cache)}, "upstream": {_json(upstream)}, '
-        f'"identity": {_json(identity)}, "user_agent": ',
-        "" if aborted is None else f', "abort_cause": {_json(aborted)}',
+        f'"identity": {_json(identity)}, "user_agent": {_json(agent)}'
+        + ("" if aborted is None else f', "abort_cause": {_json(aborted)}'),
     )
 
 

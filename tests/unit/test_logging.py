@@ -88,7 +88,7 @@ def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
         direct = direct_lines(access)
         assert direct is not None
         for status in (200, 404, 500):
-            direct.write(logging.INFO, ACCESS, '"status": {}'.format, status)
+            direct.write(logging.INFO, ACCESS, '"status": ', status, "")
 
     asyncio.run(requests())  # the batch's timer never fires: the loop is gone
     logging.getLogger("registry_proxy.other").warning("last")
