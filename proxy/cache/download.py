@@ -85,7 +85,7 @@ class DownloadHost(Protocol):
 
     def count_mismatch(self, error: DigestMismatch) -> None: ...
 
-    def persist(self, fd: int) -> None: ...
+    def persist(self, digest: Digest) -> None: ...
 
 
 class State(enum.Enum):
@@ -255,7 +255,7 @@ class Download:
         os.rename(self.temp_path, self.final_path)
         self.state = State.COMPLETE
         self.store.add_entry(self.digest, self.size)
-        self.store.persist(self._fd)
+        self.store.persist(self.digest)
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, DigestMismatch):

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -57,6 +58,18 @@ def _everything(digest: Digest) -> bool:
     return True
 
 
+def sync_file(path: Path) -> None:
+    """fsync the file at `path`, unless it is gone (evicted since)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     def __init__(
         self,
@@ -77,7 +90,8 @@ class BlobStore:
         self._verifications: dict[Digest, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._small_writes: dict[Digest, asyncio.Task[None]] = {}
-        self._syncs: set[asyncio.Task[None]] = set()
+        self._syncs: set[asyncio.Future[None]] = set()
+        self._syncer: ThreadPoolExecutor | None = None
         self.writable = True
         self.digest_mismatches = 0
 
@@ -165,6 +179,8 @@ class BlobStore:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.idle()
         self.eviction.close()
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=False)
 
     async def idle(self) -> None:
         """Wait until evicted files are deleted, deferred manifest writes have landed and
@@ -356,22 +372,24 @@ class BlobStore:
     def add_entry(self, digest: Digest, size: int) -> None:
         self.index.add(digest, Entry(size, time.time(), verified=True))
 
-    def persist(self, fd: int) -> None:
-        """fsync a committed blob's file in the background (its own descriptor: the download
-        closes its own); a failure only logs, as the blob is verified again after a restart."""
-        own = os.dup(fd)
-
-        async def sync() -> None:
-            try:
-                await asyncio.to_thread(os.fsync, own)
-            except OSError as exc:
-                log.warning("cannot fsync a cached blob: %s", exc)
-            finally:
-                os.close(own)
-
-        task = asyncio.get_running_loop().create_task(sync())
+    def persist(self, digest: Digest) -> None:
+        """fsync a committed blob's file in the background, one at a time in a thread of its
+        own: on a slow disk, syncs queue there (as paths, holding no descriptor) instead of
+        taking the default pool's threads from the downloads' writes. A failure only logs: the
+        blob is verified again after a restart."""
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="cache-sync")
+        running = asyncio.get_running_loop().run_in_executor(
+            self._syncer, sync_file, self.blob_path(digest)
+        )
+        task = asyncio.ensure_future(running)
         self._syncs.add(task)
-        task.add_done_callback(self._syncs.discard)
+        task.add_done_callback(self._synced)
+
+    def _synced(self, task: asyncio.Future[None]) -> None:
+        self._syncs.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("cannot fsync a cached blob: %s", exc)
 
     def download_finished(self, download: Download) -> None:
         if self._downloads.get(download.digest) is download:

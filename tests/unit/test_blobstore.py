@@ -152,6 +152,27 @@ async def test_readers_get_the_last_byte_before_the_fsync_which_follows_in_the_b
     assert synced == [(landed.st_dev, landed.st_ino)]
 
 
+async def test_syncs_waiting_on_a_slow_disk_never_hold_up_later_downloads(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()
+
+    def stuck_fsync(fd: int) -> None:
+        assert disk.wait(timeout=30)
+
+    monkeypatch.setattr(os, "fsync", stuck_fsync)
+    # More committed blobs than the default thread pool has threads (at most 32): their syncs
+    # wait, and every download still writes and lands.
+    for _ in range(40):
+        digest, data = random_blob(20_000)
+        download, _ = store.download(digest, CountingOpener(data))
+        assert download.task is not None
+        await asyncio.wait_for(download.task, timeout=10)
+        assert download.state is State.COMPLETE
+    disk.set()
+    await store.idle()
+
+
 async def test_a_blob_larger_than_the_budget_is_not_cached(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, 100_000)
     await store.open()
