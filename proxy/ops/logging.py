@@ -151,20 +151,22 @@ class DirectLines:
     def __init__(self, handler: BackgroundHandler, formatter: JsonFormatter) -> None:
         self.handler = handler
         self.formatter = formatter
-        self._pending: list[tuple[float, int, str, str, float, str]] = []
+        self._pending: list[tuple[float, int, str, str, str, float, str]] = []
         self._lock = threading.Lock()  # records may come from other threads
         handler.before_record = self.flush
 
-    def write(self, level: int, logger: str, before: str, number: float, after: str) -> None:
+    def write(
+        self, level: int, logger: str, first: str, before: str, number: float, after: str
+    ) -> None:
         """A line of `logger` at `level` whose own members (after time, level and logger) are
-        `before`, `number` with three decimals, then `after`: JSON text, `"name": value` pairs
-        joined by `, `, as `json.dumps` writes them (an access line: its duration is all that
-        changes from one request to the next)."""
+        `first` and `before`, `number` with three decimals, then `after`: JSON text, `"name":
+        value` pairs joined by `, `, as `json.dumps` writes them (an access line: its remote
+        address, then what repeats from request to request around its duration)."""
         with self._lock:
             pending = self._pending
-            pending.append((time.time(), level, logger, before, number, after))
-            first = len(pending) == 1
-        if first:
+            pending.append((time.time(), level, logger, first, before, number, after))
+            opened = len(pending) == 1
+        if opened:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop to wait on: now
@@ -178,8 +180,8 @@ class DirectLines:
         if pending:
             head = self.formatter.line_head
             text = "".join(
-                [f"{head(created, level, logger)}, {before}{number:.3f}{after}}}\n"
-                 for created, level, logger, before, number, after in pending]
+                [f"{head(created, level, logger)}, {first}{before}{number:.3f}{after}}}\n"
+                 for created, level, logger, first, before, number, after in pending]
             )  # fmt: skip
             self.handler.emit_line(text)
 

@@ -92,24 +92,32 @@ def log_access(
     level = logging.DEBUG if route in OPERATOR_ROUTES else logging.INFO
     if not access_log.isEnabledFor(level):
         return
-    remote, method, path = request.remote, request.method, request.raw_path
-    upstream, identity, aborted = noted.upstream, noted.identity, noted.aborted
-    agent = request.headers.get("User-Agent")
     if (direct := direct_lines(access_log)) is not None:
         # The JSON text itself, as json.dumps would write these fields (an f-string is a
-        # fraction of a dict's encoding): all but the duration repeat from request to request
-        # (a node asks for the same things again), so their text is made once; the line is
-        # made with its batch.
-        key = (remote, agent, method, path, route, status, sent, aborted, cache, upstream, identity)
+        # fraction of a dict's encoding). All but the remote address and the duration repeat
+        # from request to request (nodes ask for the same things again), so their text is made
+        # once, in a bounded table; the line is made with its batch.
+        agent = request.headers.get("User-Agent")
+        key = (agent, request.method, request.raw_path, route, status, sent,
+               noted.aborted, cache, noted.upstream, noted.identity)  # fmt: skip
         if (around := _AROUND.get(key)) is None:
             around = _around(*key)
-            if len(path) <= MAX_KEPT_PATH and (agent is None or len(agent) <= MAX_KEPT_PATH):
+            if len(key[2]) <= MAX_KEPT_PATH and (agent is None or len(agent) <= MAX_KEPT_PATH):
                 if len(_AROUND) >= MAX_KEPT_LINES:
                     _AROUND.clear()
                 _AROUND[key] = around
+        remote = request.remote
+        if (sender := _REMOTES.get(remote)) is None:
+            sender = f'"remote": {_json(remote)}, '
+            if len(_REMOTES) >= MAX_KEPT_LINES:
+                _REMOTES.clear()
+            _REMOTES[remote] = sender
         # The duration in ms with three decimals: as round(duration_ms, 3) reads back.
-        direct.write(level, access_log.name, around[0], duration * 1000, around[1])
+        direct.write(level, access_log.name, sender, around[0], duration * 1000, around[1])
         return
+    remote, method, path = request.remote, request.method, request.raw_path
+    upstream, identity, aborted = noted.upstream, noted.identity, noted.aborted
+    agent = request.headers.get("User-Agent")
     duration_ms = round(duration * 1000, 3)
     fields: dict[str, Any] = {
         "remote": remote,
@@ -142,19 +150,17 @@ def log_access(
     access_log.handle(record)
 
 
-# What an access line's fields other than the duration come to, for lines seen lately: a
-# bounded table of bounded keys.
+# What an access line's fields other than the remote address and the duration come to, for
+# lines seen lately: a bounded table of bounded keys; and each remote address's member.
 Around = tuple[str, str]
-AroundKey = tuple[
-    str | None, str | None, str, str, str, int, int, str | None, str, str | None, str | None
-]
+AroundKey = tuple[str | None, str, str, str, int, int, str | None, str, str | None, str | None]
 _AROUND: dict[AroundKey, Around] = {}
+_REMOTES: dict[str | None, str] = {}
 MAX_KEPT_LINES: Final = 4096
 MAX_KEPT_PATH: Final = 512
 
 
 def _around(
-    remote: str | None,
     agent: str | None,
     method: str,
     path: str,
@@ -166,9 +172,10 @@ def _around(
     upstream: str | None,
     identity: str | None,
 ) -> Around:
-    """The JSON text of an access line's members before its duration and after it."""
+    """The JSON text of an access line's members after its remote address and before its
+    duration, and after its duration."""
     return (
-        f'"remote": {_json(remote)}, "method": {_json(method)}, "path": {_json(path)}, '
+        f'"method": {_json(method)}, "path": {_json(path)}, '
         f'"route": {_json(route)}, "status": {status:d}, "bytes": {sent:d}, '
         f'"aborted": {"false" if aborted is None else "true"}, "duration_ms": ',
         f', "cache": {_json(cache)}, "upstream": {_json(upstream)}, '

@@ -49,34 +49,39 @@ def test_an_access_line_made_directly_reads_as_its_record_would(json_log: io.Str
     noted = keys.Notes(Endpoint.MANIFEST, upstream="docker.io", identity="anonymous")
     access = logging.getLogger(ACCESS)
     listener = logging.NullHandler()  # on the access logger itself: records, not direct lines
-    # The same fields twice with another agent and duration: the second line reuses the text
-    # made for the first.
+    # The same fields again with another duration: a later line reuses the text made for an
+    # earlier one.
     agents = ('ctr "\u2603"\t', None, "skopeo/1.13")
+    remotes = ("10.0.0.7", "2001:db8::7", "10.0.0.7")
     for aborted in (None, "client"):
         noted.aborted = aborted
-        for agent, duration in zip(agents, (0.000_25, 1.5, 0.1), strict=True):
-            headers = {} if agent is None else {"User-Agent": agent}
-            request = make_mocked_request("GET", path, headers=headers)
-            log_access(request, noted, 200, "hit", 949, duration)
-            access.addHandler(listener)
-            log_access(request, noted, 200, "hit", 949, duration)
-            access.removeHandler(listener)
+        for scale in (1, 3):
+            for agent, duration, remote in zip(agents, (0.000_25, 1.5, 0.1), remotes, strict=True):
+                headers = {} if agent is None else {"User-Agent": agent}
+                request = make_mocked_request("GET", path, headers=headers).clone(remote=remote)
+                log_access(request, noted, 200, "hit", 949, duration * scale)
+                access.addHandler(listener)
+                log_access(request, noted, 200, "hit", 949, duration * scale)
+                access.removeHandler(listener)
     logging.getLogger().handlers[0].close()
 
     written = lines(json_log.getvalue())
-    assert len(written) == 12
+    assert len(written) == 24
     for entry in written:
         entry.pop("time")
     made, recorded = written[0::2], written[1::2]
     assert made == recorded
-    assert [(entry["user_agent"], entry["duration_ms"]) for entry in made[:3]] == [
-        ('ctr "\u2603"\t', 0.25),
-        (None, 1500.0),
-        ("skopeo/1.13", 100.0),
+    assert [(e["remote"], e["user_agent"], e["duration_ms"]) for e in made[:6]] == [
+        ("10.0.0.7", 'ctr "\u2603"\t', 0.25),
+        ("2001:db8::7", None, 1500.0),
+        ("10.0.0.7", "skopeo/1.13", 100.0),
+        ("10.0.0.7", 'ctr "\u2603"\t', 0.75),
+        ("2001:db8::7", None, 4500.0),
+        ("10.0.0.7", "skopeo/1.13", 300.0),
     ]
     assert {entry["path"] for entry in made} == {path}
-    assert [entry["aborted"] for entry in made] == [False] * 3 + [True] * 3
-    assert {entry.get("abort_cause") for entry in made[3:]} == {"client"}
+    assert [entry["aborted"] for entry in made] == [False] * 6 + [True] * 6
+    assert {entry.get("abort_cause") for entry in made[6:]} == {"client"}
 
 
 def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
@@ -88,7 +93,7 @@ def test_lines_waiting_on_the_event_loop_go_before_a_later_record(
         direct = direct_lines(access)
         assert direct is not None
         for status in (200, 404, 500):
-            direct.write(logging.INFO, ACCESS, '"status": ', status, "")
+            direct.write(logging.INFO, ACCESS, "", '"status": ', status, "")
 
     asyncio.run(requests())  # the batch's timer never fires: the loop is gone
     logging.getLogger("registry_proxy.other").warning("last")
