@@ -382,13 +382,12 @@ class BlobStore:
         running = asyncio.get_running_loop().run_in_executor(
             self._syncer, sync_file, self.blob_path(digest)
         )
-        task = asyncio.ensure_future(running)
-        self._syncs.add(task)
-        task.add_done_callback(self._synced)
+        self._syncs.add(running)
+        running.add_done_callback(self._synced)
 
-    def _synced(self, task: asyncio.Future[None]) -> None:
-        self._syncs.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+    def _synced(self, running: asyncio.Future[None]) -> None:
+        self._syncs.discard(running)
+        if not running.cancelled() and (exc := running.exception()) is not None:
             log.warning("cannot fsync a cached blob: %s", exc)
 
     def download_finished(self, download: Download) -> None:
