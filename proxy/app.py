@@ -36,6 +36,7 @@ from proxy.server.passthrough import UpstreamAccessCheck
 from proxy.server.prepared import PreparedAnswers
 from proxy.server.traffic import RepositoryTraffic
 from proxy.upstream.routing import Upstreams
+from proxy.workers import siblings
 from proxy.workers.sharding import (
     OwnerRelay,
     ShardedBlobService,
@@ -44,6 +45,7 @@ from proxy.workers.sharding import (
     unless_relayed,
     worker_metrics,
 )
+from proxy.workers.siblings import Siblings
 from proxy.workers.supervisor import SINGLE, Worker
 
 
@@ -93,6 +95,9 @@ def create_app(
     app.on_response_prepare.append(routes.add_protocol_headers)
     # With a separate metrics address, /metrics is served there only.
     operator.add_operator_routes(app, metrics=settings.metrics_listen is None)
+    if relay is not None:
+        app[keys.SIBLINGS] = Siblings(worker, relay)
+        app.router.add_post(siblings.ROUTE, siblings.sibling_operation)
     if app[keys.GUARD].passing:
         app.router.add_route("*", passthrough.TOKEN_PATH, passthrough.token_endpoint)
     app.router.add_route("*", "/v2", routes.registry_api)

@@ -131,3 +131,7 @@ class DownloadTimedOut(RegistryError):
 
     def __init__(self) -> None:
         super().__init__(ErrorCode.UNAVAILABLE, "blob download timed out", status=504)
+
+
+class SiblingUnreachable(Exception):
+    """Another worker did not answer worker 0's admin request (it is restarting)."""

@@ -16,6 +16,11 @@ it, or with another token, the answer is 401. Errors are `{"error": "..."}`.
 
 REPO and REF are image references as clients write them (`nginx`, `ghcr.io/org/app:1.2`),
 routed to an upstream as the mirror routes a pull (see `references`).
+
+With several workers the API is served by worker 0, and what acts on the cache (`stats`'
+cache figures, `invalidate`, `evict`, `verify`) is done in every worker, each on its share of
+the blobs and its own memory (`HERE`, run in the others by `proxy.workers.siblings`), and the
+answers added up. Pins are set in worker 0 (those of the config file apply in every worker).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from proxy.cache.pins import PinsTooLarge, locate
-from proxy.errors import RegistryError
+from proxy.errors import RegistryError, SiblingUnreachable
 from proxy.oci import Digest, Repository
 from proxy.oci.references import ImageReference, InvalidReference
 from proxy.server import keys
@@ -126,24 +131,18 @@ def _error(status: int, message: str) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
     top = _int_query(request, "top", DEFAULT_TOP)
-    store = mirror[keys.STORE].stats()
+    answers = await _everywhere(mirror, "stats", {"top": top})
     pins = mirror[keys.PINS]
-    lookups = _cache_lookups(mirror)
+    lookups = {result: sum(a["lookups"][result] for a in answers) for result in CACHE_RESULTS}
     answered = sum(lookups.values())
     cached = lookups["hit"] + lookups["stale"]
     return web.json_response(
         {
-            "size": store.size,
-            "budget": store.budget,
-            "reserved": store.reserved,
-            "entries": store.entries,
+            **{field: sum(a[field] for a in answers) for field in STORE_FIGURES},
             "pinned": {"images": len(pins.references), "bytes": pins.pinned_bytes},
             "lookups": lookups,
             "hit_ratio": round(cached / answered, 4) if answered else None,
-            "top_repositories": [
-                {"repository": name, "bytes": served.bytes, "requests": served.requests}
-                for name, served in mirror[keys.TRAFFIC].top(top)
-            ],
+            "top_repositories": _top(answers, top),
             # What each configured upstream's rate-limit headers said (proxy.upstream.quota).
             "quota": {
                 upstream.name: upstream.quota.snapshot()
@@ -187,7 +186,11 @@ async def invalidate(request: web.Request) -> web.Response:
     tag = body.get("tag")
     if tag is not None and not isinstance(tag, str):
         raise AdminError(400, "tag must be a string")
-    count = await mirror[keys.TAGS].invalidate(upstream.name, repository.name, tag)
+    answers = await _everywhere(
+        mirror, "invalidate", {"upstream": upstream.name, "repository": repository.name, "tag": tag}
+    )
+    # Workers sharing Redis each find the same tags: the most any of them found, not the sum.
+    count = max(answer["invalidated"] for answer in answers)
     return web.json_response(
         {"upstream": upstream.name, "repository": repository.name, "tag": tag, "invalidated": count}
     )
@@ -200,26 +203,22 @@ async def evict(request: web.Request) -> web.Response:
         digest = Digest.parse(str(body.get("digest", "")))
     except RegistryError as exc:
         raise AdminError(400, exc.message) from None
-    store = mirror[keys.STORE]
-    if digest in store.pinned:
+    answers = await _everywhere(mirror, "evict", {"digest": str(digest)})
+    outcomes = {answer["outcome"] for answer in answers}
+    if "pinned" in outcomes:
         raise AdminError(409, f"{digest} is pinned; remove its image from the pins first")
-    if not store.evict(digest):
+    if "evicted" not in outcomes:
         raise AdminError(404, f"{digest} is not in the cache")
-    # Nor served from memory: eviction is how content is taken out of the mirror.
-    mirror[keys.MANIFESTS].memo.forget(digest)
-    mirror[keys.PREPARED].forget(digest)
     return web.json_response({"digest": str(digest), "evicted": True})
 
 
 async def verify(request: web.Request) -> web.Response:
-    store = request.app[MIRROR][keys.STORE]
-    checked = store.stats().entries
     started = time.monotonic()
-    corrupt = await store.verify()
+    answers = await _everywhere(request.app[MIRROR], "verify", {})
     return web.json_response(
         {
-            "checked": checked,
-            "corrupt": [str(digest) for digest in corrupt],
+            "checked": sum(answer["checked"] for answer in answers),
+            "corrupt": [digest for answer in answers for digest in answer["corrupt"]],
             "seconds": round(time.monotonic() - started, 3),
         }
     )
@@ -252,6 +251,87 @@ def _pins_response(mirror: web.Application) -> web.Response:
     return web.json_response(
         {"budget": budget, "pinned_bytes": pins.pinned_bytes, "pins": pins.status()}
     )
+
+
+# --- what is done in each worker (`HERE`): JSON in, JSON out
+
+
+Operation = Callable[[web.Application, dict[str, Any]], Awaitable[dict[str, Any]]]
+# The cache figures of `stats` that add up over workers.
+STORE_FIGURES: Final = ("size", "budget", "reserved", "entries")
+
+
+async def _everywhere(
+    mirror: web.Application, operation: str, payload: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """`operation`'s answer here, then every other worker's (with several workers)."""
+    answers = [await HERE[operation](mirror, payload)]
+    if (siblings := mirror.get(keys.SIBLINGS)) is not None:
+        try:
+            answers += await siblings.run(operation, payload)
+        except SiblingUnreachable as exc:
+            raise AdminError(503, f"{operation}: {exc}; done in the other workers") from None
+    return answers
+
+
+async def stats_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    store = mirror[keys.STORE].stats()
+    return {
+        **{field: getattr(store, field) for field in STORE_FIGURES},
+        "lookups": _cache_lookups(mirror),
+        "top": [
+            [name, served.bytes, served.requests]
+            for name, served in mirror[keys.TRAFFIC].top(int(payload["top"]))
+        ],
+    }
+
+
+async def invalidate_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    tags = mirror[keys.TAGS]
+    count = await tags.invalidate(payload["upstream"], payload["repository"], payload["tag"])
+    return {"invalidated": count}
+
+
+async def evict_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    digest = Digest.parse(payload["digest"])
+    store = mirror[keys.STORE]
+    if digest in store.pinned:
+        return {"outcome": "pinned"}
+    evicted = store.evict(digest)  # only by the worker that owns it
+    # Nor served from memory by any worker: eviction is how content is taken out of the mirror.
+    mirror[keys.MANIFESTS].memo.forget(digest)
+    mirror[keys.PREPARED].forget(digest)
+    return {"outcome": "evicted" if evicted else "absent"}
+
+
+async def verify_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    store = mirror[keys.STORE]
+    checked = store.stats().entries
+    corrupt = await store.verify()
+    return {"checked": checked, "corrupt": [str(digest) for digest in corrupt]}
+
+
+HERE: Final[dict[str, Operation]] = {
+    "stats": stats_here,
+    "invalidate": invalidate_here,
+    "evict": evict_here,
+    "verify": verify_here,
+}
+
+
+def _top(answers: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The repositories that were served the most bytes, over every worker."""
+    totals: dict[str, list[int]] = {}
+    for answer in answers:
+        for name, served, requests in answer["top"]:
+            total = totals.setdefault(name, [0, 0])
+            total[0] += served
+            total[1] += requests
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)[:limit]
+    return [
+        {"repository": name, "bytes": served, "requests": requests}
+        for name, (served, requests) in ranked
+    ]
 
 
 # --- parsing helpers

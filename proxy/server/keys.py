@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from proxy.server.prepared import PreparedAnswers
     from proxy.server.traffic import RepositoryTraffic
     from proxy.upstream.routing import Upstreams
+    from proxy.workers.siblings import Siblings
 
 # --- the application's services (set by `proxy.app.create_app`)
 SETTINGS: Final[web.AppKey[Settings]] = web.AppKey("settings")
@@ -47,6 +48,8 @@ PINS: Final[web.AppKey[PinResolver]] = web.AppKey("pins")
 TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
 PREFETCH: Final[web.AppKey[Prefetcher]] = web.AppKey("prefetch")
 PREPARED: Final[web.AppKey[PreparedAnswers]] = web.AppKey("prepared")
+# With several workers: the others, for worker 0's admin API (proxy.workers.siblings).
+SIBLINGS: Final[web.AppKey[Siblings]] = web.AppKey("siblings")
 
 
 # --- what a request was (noted by handlers, read by the observe middleware)

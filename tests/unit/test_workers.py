@@ -7,17 +7,24 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
 from harness.mirror import Mirror
+from harness.ports import free_port
 
 from proxy.cache.provenance import Provenance
+from proxy.errors import SiblingUnreachable
+from proxy.workers.sharding import OwnerRelay
+from proxy.workers.siblings import Siblings
+from proxy.workers.supervisor import Worker
 
 WORKERS = 2
 
@@ -183,6 +190,108 @@ async def test_a_blob_corrupted_while_stopped_is_never_served_by_any_worker(
     assert final.read_bytes() == data  # refetched, verified, in place again
 
 
+def owned_by(index: int, size: int) -> bytes:
+    """Random bytes whose digest worker `index` owns (as `ShardedStore.owner_of` splits them)."""
+    while True:
+        data = os.urandom(size)
+        if int(hashlib.sha256(data).hexdigest()[:8], 16) % WORKERS == index:
+            return data
+
+
+async def test_the_admin_api_of_worker_0_reaches_the_blobs_and_memory_of_every_worker(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evict, verify, invalidate and the cache statistics act on every worker's share, not on
+    worker 0's alone: an evicted manifest is served from no worker's memory afterwards."""
+    monkeypatch.setenv("REGISTRY_PROXY_PREFETCH", "false")  # what is cached is what was pulled
+    registry = fake_upstream.registry
+    blobs = [owned_by(index, 200_000) for index in range(WORKERS)]
+    digests = [registry.add_blob(data) for data in blobs]
+    image = registry.add_image("team/app", "1.0", [b"x"])
+    port = free_port()
+    flags = ("--workers", str(WORKERS), "--admin-listen", f"127.0.0.1:{port}")
+    mirror = Mirror(tmp_path, fake_upstream.url, *flags)
+    admin = f"http://127.0.0.1:{port}"
+    by_digest = f"http://mirror/v2/team/app/manifests/{image.manifest_digest}"
+    by_tag = "http://mirror/v2/team/app/manifests/1.0"
+    async with started(mirror), aiohttp.ClientSession() as client:
+        await wait_for_workers(mirror, mirror.pid)
+        sessions = [unix_session(mirror, index) for index in range(WORKERS)]
+        try:
+            for digest, data in zip(digests, blobs, strict=True):
+                async with sessions[0].get(f"http://mirror/v2/team/app/blobs/{digest}") as got:
+                    assert await got.read() == data
+            for session in sessions:  # each worker answers the manifests from its memory
+                for url in (by_digest, by_digest, by_digest, by_tag, by_tag):
+                    async with session.get(url) as got:
+                        assert got.status == 200
+
+            stats = await (await client.get(f"{admin}/stats")).json()
+            assert stats["entries"] == len(blobs) + 1
+            assert stats["size"] == sum(map(len, blobs)) + len(image.manifest_bytes)
+            assert stats["budget"] == 1024**3
+
+            fetched = registry.count("GET", f"/manifests/{image.manifest_digest}")
+            for digest in (*digests, image.manifest_digest):
+                async with client.post(f"{admin}/evict", json={"digest": digest}) as evicted:
+                    assert evicted.status == 200, await evicted.text()
+            for session in sessions:
+                async with session.get(by_digest) as got:
+                    assert got.headers["X-Cache"] == "MISS"
+            refetched = registry.count("GET", f"/manifests/{image.manifest_digest}")
+            assert refetched == fetched + WORKERS
+            for digest, data in zip(digests, blobs, strict=True):
+                async with sessions[1].get(f"http://mirror/v2/team/app/blobs/{digest}") as got:
+                    assert got.headers["X-Cache"] == "MISS"
+                    assert await got.read() == data
+
+            damaged = digests[1]  # worker 1's
+            path = mirror.cache_dir / "blobs" / "sha256" / damaged[7:9] / damaged[7:]
+            path.write_bytes(b"bit rot" * 100)
+            verified = await (await client.post(f"{admin}/verify")).json()
+            assert verified["checked"] == len(blobs) + 1
+            assert verified["corrupt"] == [damaged]
+
+            # Without Redis each worker keeps its own resolution of the tag: each is made stale.
+            retagged = registry.add_image("team/app", "1.0", [b"y"])
+            invalidated = await client.post(
+                f"{admin}/invalidate", json={"repository": "team/app", "tag": "1.0"}
+            )
+            assert (await invalidated.json())["invalidated"] == 1  # tags, not workers
+            for session in sessions:
+                async with session.get(by_tag) as got:
+                    assert got.headers["Docker-Content-Digest"] == retagged.manifest_digest
+        finally:
+            for session in sessions:
+                await session.close()
+
+
+async def test_the_workers_own_route_is_not_reachable_by_clients(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """Workers ask each other to evict over their private sockets; over TCP, even with the relay
+    header, that route does not exist."""
+    data = os.urandom(100_000)
+    digest = fake_upstream.registry.add_blob(data)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror), aiohttp.ClientSession() as client:
+        await wait_for_workers(mirror, mirror.pid)
+        blob = f"{mirror.url}/v2/team/app/blobs/{digest}"
+        assert await (await client.get(blob)).read() == data
+        for _ in range(2 * WORKERS):  # whichever worker accepts the connection
+            attempt = await client.post(
+                f"{mirror.url}/_worker/evict",
+                json={"digest": digest},
+                headers={"X-Registry-Proxy-Relay": "1"},
+            )
+            assert attempt.status == 404
+            assert (await attempt.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+        async with client.get(blob) as again:
+            assert again.headers["X-Cache"] == "HIT"
+        assert fake_upstream.registry.count("GET", path_contains=digest) == 1
+
+
 def mode(path: Path) -> int:
     return path.lstat().st_mode & 0o777
 
@@ -233,3 +342,25 @@ def test_workers_opening_the_provenance_record_at_once_all_keep_it(tmp_path: Pat
         assert all(record.persistent for record in records), attempt
         for record in records:
             record.close()
+
+
+async def test_a_worker_that_does_not_answer_is_reported_not_waited_for(tmp_path: Path) -> None:
+    """Worker 0's admin API says which worker it could not reach (one restarting, or stopped
+    with its socket still accepting) instead of hanging or claiming the work done."""
+    worker = Worker(0, 2, tmp_path)
+    relay = OwnerRelay(worker)
+    siblings = Siblings(worker, relay)
+    evict = {"digest": "sha256:" + "0" * 64}
+    try:
+        with pytest.raises(SiblingUnreachable, match="worker 1 is unreachable"):
+            await siblings.run("evict", evict)  # no socket: restarting
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stopped:
+            stopped.bind(str(worker.socket_path(1)))
+            stopped.listen()  # accepts into its backlog, never answers
+            with (
+                mock.patch("proxy.workers.siblings.ANSWER_SECONDS", 0.2),
+                pytest.raises(SiblingUnreachable, match="worker 1 is unreachable"),
+            ):
+                await siblings.run("evict", evict)
+    finally:
+        await relay.close()
