@@ -174,6 +174,9 @@ class PinResolver:
             sizes.update(image.sizes)
         return sum(sizes.values())
 
+    def _cached(self, digest: Digest) -> bool:
+        return digest in self.store or self.store.has_file(digest)
+
     def status(self) -> list[dict[str, Any]]:
         """Every pin as the admin API shows it, in the order they were given."""
         rows = []
@@ -185,7 +188,8 @@ class PinResolver:
                     "digest": str(image.digest) if image.digest else None,
                     "blobs": len(image.sizes),  # manifests included: they are blobs too
                     "bytes": image.size,
-                    "cached_bytes": sum(s for d, s in image.sizes.items() if d in self.store),
+                    # On disk, whichever worker owns the blob.
+                    "cached_bytes": sum(s for d, s in image.sizes.items() if self._cached(d)),
                     "resolved": image.resolved or None,
                     "error": image.error,
                 }

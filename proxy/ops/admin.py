@@ -18,9 +18,9 @@ REPO and REF are image references as clients write them (`nginx`, `ghcr.io/org/a
 routed to an upstream as the mirror routes a pull (see `references`).
 
 With several workers the API is served by worker 0, and what acts on the cache (`stats`'
-cache figures, `invalidate`, `evict`, `verify`) is done in every worker, each on its share of
-the blobs and its own memory (`HERE`, run in the others by `proxy.workers.siblings`), and the
-answers added up. Pins are set in worker 0 (those of the config file apply in every worker).
+cache figures, `invalidate`, `evict`, `verify`, setting pins) is done in every worker, each on
+its share of the blobs and its own memory (`HERE`, run in the others by
+`proxy.workers.siblings`), and the answers added up.
 """
 
 from __future__ import annotations
@@ -238,10 +238,14 @@ async def set_pins(request: web.Request) -> web.Response:
         references = tuple(dict.fromkeys(ImageReference.parse(text) for text in texts))
     except InvalidReference as exc:
         raise AdminError(400, str(exc)) from None
-    try:
-        await mirror[keys.PINS].apply(references)
-    except PinsTooLarge as exc:
-        raise AdminError(422, f"pins refused: {exc}") from None
+    previous = [str(reference) for reference in mirror[keys.PINS].references]
+    answers = await _everywhere(mirror, "pins", {"references": [str(r) for r in references]})
+    if refusals := [answer["refused"] for answer in answers if "refused" in answer]:
+        if len(refusals) < len(answers):
+            # Each worker holds its share of the pinned blobs in its share of the budget: one
+            # refused, so those that took them go back, and every worker keeps the same pins.
+            await _everywhere(mirror, "pins", {"references": previous})
+        raise AdminError(422, f"pins refused: {refusals[0]}")
     return _pins_response(mirror)
 
 
@@ -311,11 +315,21 @@ async def verify_here(mirror: web.Application, payload: dict[str, Any]) -> dict[
     return {"checked": checked, "corrupt": [str(digest) for digest in corrupt]}
 
 
+async def pins_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    references = tuple(ImageReference.parse(text) for text in payload["references"])
+    try:
+        await mirror[keys.PINS].apply(references)
+    except PinsTooLarge as exc:
+        return {"refused": str(exc)}
+    return {}
+
+
 HERE: Final[dict[str, Operation]] = {
     "stats": stats_here,
     "invalidate": invalidate_here,
     "evict": evict_here,
     "verify": verify_here,
+    "pins": pins_here,
 }
 
 

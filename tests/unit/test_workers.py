@@ -266,6 +266,47 @@ async def test_the_admin_api_of_worker_0_reaches_the_blobs_and_memory_of_every_w
                 await session.close()
 
 
+async def test_pins_set_through_the_admin_api_hold_in_every_worker_or_in_none(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """Each worker keeps its share of the pinned blobs within its share of the budget: pins set
+    through worker 0 reach every worker, and when one worker cannot hold its share, none keeps
+    the new pins."""
+    registry = fake_upstream.registry
+    small = registry.add_image("team/small", "1", [owned_by(1, 10_000)])
+    registry.add_image("team/huge", "1", [owned_by(1, 300_000)])  # over worker 1's 256 KiB
+    port = free_port()
+    flags = ("--workers", str(WORKERS), "--admin-listen", f"127.0.0.1:{port}")
+    mirror = Mirror(tmp_path, fake_upstream.url, *flags, "--cache-max-size", "512KiB")
+    admin = f"http://127.0.0.1:{port}"
+    host = fake_upstream.host
+    async with started(mirror), aiohttp.ClientSession() as client:
+        await wait_for_workers(mirror, mirror.pid)
+        pins = {"references": [f"{host}/team/small:1"]}
+        async with client.put(f"{admin}/pins", json=pins) as answer:
+            assert answer.status == 200, await answer.text()
+        layer = small.layer_digests[0]
+        async with client.get(f"{mirror.url}/v2/team/small/blobs/{layer}") as got:
+            assert got.status == 200
+            await got.read()
+        async with client.get(f"{admin}/pins") as listing:
+            [pin] = (await listing.json())["pins"]
+        assert pin["cached_bytes"] >= 10_000  # worker 1's layer, counted by worker 0
+        async with client.post(f"{admin}/evict", json={"digest": layer}) as evicted:
+            assert evicted.status == 409  # worker 1, which owns the layer, has it pinned
+
+        huge = {"references": [f"{host}/team/huge:1"]}
+        async with client.put(f"{admin}/pins", json=huge) as refused:
+            assert refused.status == 422
+            assert (await refused.json())["error"].startswith("pins refused: ")
+        async with client.get(f"{admin}/pins") as listing:
+            assert [pin["reference"] for pin in (await listing.json())["pins"]] == pins[
+                "references"
+            ]
+        async with client.post(f"{admin}/evict", json={"digest": layer}) as evicted:
+            assert evicted.status == 409
+
+
 async def test_the_workers_own_route_is_not_reachable_by_clients(
     fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
