@@ -59,6 +59,19 @@ async def wait_for_workers(mirror: Mirror, pid: int, expected: int = WORKERS) ->
         await asyncio.sleep(0.05)
 
 
+async def wait_for_admin(client: aiohttp.ClientSession, admin: str) -> None:
+    """Worker 0 opens the admin listener once its cache is open, after the mirror answers."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with client.get(f"{admin}/stats") as answer:
+                assert answer.status == 200
+                return
+        except aiohttp.ClientConnectorError:
+            assert time.monotonic() < deadline, "the admin API did not start"
+            await asyncio.sleep(0.05)  # another process, no event to await
+
+
 def unix_session(mirror: Mirror, index: int) -> aiohttp.ClientSession:
     path = mirror.cache_dir / "run" / f"worker-{index}.sock"
     return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
@@ -216,6 +229,7 @@ async def test_the_admin_api_of_worker_0_reaches_the_blobs_and_memory_of_every_w
     by_tag = "http://mirror/v2/team/app/manifests/1.0"
     async with started(mirror), aiohttp.ClientSession() as client:
         await wait_for_workers(mirror, mirror.pid)
+        await wait_for_admin(client, admin)
         sessions = [unix_session(mirror, index) for index in range(WORKERS)]
         try:
             for digest, data in zip(digests, blobs, strict=True):
@@ -282,6 +296,7 @@ async def test_pins_set_through_the_admin_api_hold_in_every_worker_or_in_none(
     host = fake_upstream.host
     async with started(mirror), aiohttp.ClientSession() as client:
         await wait_for_workers(mirror, mirror.pid)
+        await wait_for_admin(client, admin)
         pins = {"references": [f"{host}/team/small:1"]}
         async with client.put(f"{admin}/pins", json=pins) as answer:
             assert answer.status == 200, await answer.text()
