@@ -96,7 +96,8 @@ def create_app(
     # With a separate metrics address, /metrics is served there only.
     operator.add_operator_routes(app, metrics=settings.metrics_listen is None)
     if relay is not None:
-        app[keys.SIBLINGS] = Siblings(worker, relay)
+        app[keys.SIBLINGS] = others = Siblings(worker, relay)
+        prefetcher.on_foreign = others.pass_on_prefetch
         app.router.add_post(siblings.ROUTE, siblings.sibling_operation)
     if app[keys.GUARD].passing:
         app.router.add_route("*", passthrough.TOKEN_PATH, passthrough.token_endpoint)
@@ -190,6 +191,8 @@ def _lifecycle(
                 await running.enter_async_context(admin.listening(app))
             if relay is not None:
                 await running.enter_async_context(relay_lifecycle(relay))
+                # First out, while the sessions it uses are open.
+                running.push_async_callback(app[keys.SIBLINGS].close)
             yield
         await app[keys.PREFETCH].close()
         await app[keys.MANIFESTS].close()

@@ -22,7 +22,9 @@ Prefetch comes after clients:
 * bounded: at most `prefetch_concurrency` downloads at once, `QUEUE_SIZE` blobs queued, each
   digest once; on shutdown the queue is dropped and the downloads are cancelled with the store.
 
-With several workers, a worker prefetches the blobs it owns (`BlobStore.claims`) only.
+With several workers, a worker prefetches the blobs it owns (`BlobStore.claims`) only, and
+hands an image whose other blobs are missing to `on_foreign` (the workers layer passes it on to
+the other workers, whose `image_served(..., passed_on=True)` does not pass it back).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ UNREAD_PROTECTION: Final = 600.0
 # thousands of times a second, and its blobs only go missing when evicted.
 RECHECK_SECONDS: Final = 1.0
 
+# An image served here with blobs another worker owns missing: (upstream, repository, manifest,
+# its body).
+ForeignImage = Callable[[Upstream, Repository, Digest, bytes], None]
 # Told of each blob prefetch completed: (upstream name, repository name, digest).
 Fetched = Callable[[str, str, Digest], None]
 
@@ -110,13 +115,22 @@ class Prefetcher:
         self._closed = False
         self._parsed: dict[Digest, tuple[tuple[Digest, int], ...]] = {}
         self._checked: dict[Digest, float] = {}  # manifest -> when its blobs were looked over
+        # Told of an image served here some of whose missing blobs this store does not claim.
+        self.on_foreign: ForeignImage | None = None
 
     # --- what the handlers tell it
 
     def image_served(
-        self, upstream: Upstream, repository: Repository, manifest: Digest, body: bytes
+        self,
+        upstream: Upstream,
+        repository: Repository,
+        manifest: Digest,
+        body: bytes,
+        *,
+        passed_on: bool = False,
     ) -> int:
-        """A manifest was served: queue its config and layers that are not cached; how many."""
+        """A manifest was served (here, or by another worker that `passed_on` its missing blobs):
+        queue its config and layers that are not cached; how many."""
         if (
             self._closed
             or not self.store.writable
@@ -130,12 +144,15 @@ class Prefetcher:
             self._checked.clear()
         self._checked[manifest] = now
         queued = 0
+        foreign = False
         for digest, size in self._blobs_of(manifest, body):
+            if not self.store.claims(digest):
+                foreign = foreign or not self.store.has_file(digest)
+                continue
             if (
                 digest in self._queued
                 or digest in self.store
                 or self.store.in_flight(digest) is not None
-                or not self.store.claims(digest)
             ):
                 continue
             if len(self._queue) >= self.queue_size:
@@ -148,6 +165,8 @@ class Prefetcher:
             task = asyncio.get_running_loop().create_task(self._work(), name="prefetch")
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
+        if foreign and not passed_on and self.on_foreign is not None:
+            self.on_foreign(upstream, repository, manifest, body)
         return queued
 
     def _blobs_of(self, manifest: Digest, body: bytes) -> tuple[tuple[Digest, int], ...]:

@@ -5,21 +5,31 @@ other worker over its Unix socket, on a route (`ROUTE`) that only a sibling can 
 Each worker owns its share of the blobs and keeps its own memory (hot manifests, prepared
 answers, tag resolutions without Redis), so an evict, verify or invalidate done in worker 0
 alone would miss the rest; `proxy.ops.admin.HERE` is what each worker does.
+
+Prefetch too: a worker prefetches the blobs it owns, so an image served by one worker has its
+other blobs prefetched by their owners, told by `pass_on_prefetch` (without waiting for them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import SiblingUnreachable
-from proxy.ops.admin import HERE
+from proxy.errors import RegistryError, SiblingUnreachable
+from proxy.oci import Digest, Repository
+from proxy.ops.admin import HERE, Operation
+from proxy.server import keys
+from proxy.upstream.client import Upstream
 from proxy.workers.sharding import RELAY_HEADER, OwnerRelay, is_relayed
 from proxy.workers.supervisor import Worker
+
+log = logging.getLogger(__name__)
 
 ROUTE: Final = "/_worker/{operation}"
 # A stopped worker's socket still accepts: give up on it after this long. Verifying re-hashes
@@ -34,11 +44,41 @@ class Siblings:
     def __init__(self, worker: Worker, relay: OwnerRelay) -> None:
         self.worker = worker
         self.relay = relay
+        self.others = [index for index in range(worker.count) if index != worker.index]
+        self._told: set[asyncio.Task[None]] = set()
 
     async def run(self, operation: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """`operation`'s answer from every other worker, all asked at once."""
-        others = [index for index in range(self.worker.count) if index != self.worker.index]
-        return list(await asyncio.gather(*(self._ask(i, operation, payload) for i in others)))
+        asked = (self._ask(index, operation, payload) for index in self.others)
+        return list(await asyncio.gather(*asked))
+
+    def pass_on_prefetch(
+        self, upstream: Upstream, repository: Repository, manifest: Digest, body: bytes
+    ) -> None:
+        """Tell the other workers an image was served: each prefetches the blobs it owns."""
+        if upstream.settings.pass_client_credentials:
+            return  # fetched with this client's credentials, which the others do not have
+        payload = {
+            "upstream": upstream.name,
+            "repository": repository.name,
+            "manifest": str(manifest),
+            "body": base64.b64encode(body).decode(),
+        }
+        for index in self.others:
+            task = asyncio.create_task(self._tell(index, "prefetch", payload))
+            self._told.add(task)
+            task.add_done_callback(self._told.discard)
+
+    async def _tell(self, index: int, operation: str, payload: dict[str, Any]) -> None:
+        try:
+            await self._ask(index, operation, payload)
+        except SiblingUnreachable as exc:
+            log.debug("%s not passed on: %s", operation, exc)
+
+    async def close(self) -> None:
+        for task in self._told:
+            task.cancel()
+        await asyncio.gather(*self._told, return_exceptions=True)
 
     async def _ask(self, index: int, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = URL(f"{self.relay.scheme}://worker/_worker/{operation}")
@@ -61,9 +101,27 @@ class Siblings:
             raise SiblingUnreachable(f"worker {index} is unreachable ({why})") from None
 
 
+async def prefetch_here(mirror: web.Application, payload: dict[str, Any]) -> dict[str, Any]:
+    """Prefetch the blobs this worker owns of an image another worker served."""
+    upstream = mirror[keys.UPSTREAMS].get(payload["upstream"])
+    body = base64.b64decode(payload["body"])
+    try:
+        manifest = Digest.parse(payload["manifest"])
+        repository = Repository.parse(payload["repository"])
+    except RegistryError:
+        return {"queued": 0}
+    if upstream is None or Digest.of(body, manifest.algorithm) != manifest:
+        return {"queued": 0}
+    prefetch = mirror[keys.PREFETCH]
+    return {"queued": prefetch.image_served(upstream, repository, manifest, body, passed_on=True)}
+
+
+OPERATIONS: Final[dict[str, Operation]] = {**HERE, "prefetch": prefetch_here}
+
+
 async def sibling_operation(request: web.Request) -> web.Response:
-    """An admin operation worker 0 asks this worker to do; any other caller finds nothing."""
-    operation = HERE.get(request.match_info["operation"])
+    """An operation another worker asks this one to do; any other caller finds nothing."""
+    operation = OPERATIONS.get(request.match_info["operation"])
     if operation is None or not is_relayed(request):
         raise web.HTTPNotFound()
     return web.json_response(await operation(request.app, await request.json()))

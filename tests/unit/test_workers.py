@@ -322,6 +322,42 @@ async def test_pins_set_through_the_admin_api_hold_in_every_worker_or_in_none(
             assert evicted.status == 409
 
 
+async def test_an_image_served_by_one_worker_has_every_blob_prefetched_by_its_owner(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """A worker prefetches the blobs it owns; those of an image it served that other workers
+    own are prefetched by them, each once, before the client asks."""
+    registry = fake_upstream.registry
+    layers = [owned_by(index, 50_000) for index in range(WORKERS)]
+    image = registry.add_image("team/app", "1.0", layers)
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror):
+        await wait_for_workers(mirror, mirror.pid)
+        worker_0 = unix_session(mirror, 0)
+        try:
+            url = f"http://mirror/v2/team/app/manifests/{image.manifest_digest}"
+            async with worker_0.get(url) as served:
+                assert served.status == 200
+        finally:
+            await worker_0.close()
+        blobs = [image.config_digest, *image.layer_digests]
+        paths = [mirror.cache_dir / "blobs" / "sha256" / d[7:9] / d[7:] for d in blobs]
+        deadline = time.monotonic() + 20
+        while not all(path.exists() for path in paths):  # the owners' downloads: no event here
+            assert time.monotonic() < deadline, "not every blob was prefetched"
+            await asyncio.sleep(0.05)
+        worker_1 = unix_session(mirror, 1)
+        try:
+            for digest, data in zip(image.layer_digests, layers, strict=True):
+                async with worker_1.get(f"http://mirror/v2/team/app/blobs/{digest}") as got:
+                    assert got.headers["X-Cache"] == "HIT"
+                    assert await got.read() == data
+        finally:
+            await worker_1.close()
+    for digest in blobs:
+        assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
 async def test_the_workers_own_route_is_not_reachable_by_clients(
     fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
