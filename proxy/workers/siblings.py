@@ -1,6 +1,6 @@
-"""Worker 0's admin API acting in every worker: `Siblings` runs an admin operation in each
-other worker over its Unix socket, on a route (`ROUTE`) that only a sibling can reach
-(`is_relayed`: the socket is 0600, and over TCP the route answers 404 like any unknown path).
+"""What one worker asks the others to do: `Siblings` runs an operation in each other worker
+over its Unix socket, on a route (`ROUTE`) that only a sibling can reach (`is_relayed`: the
+socket is 0600, and over TCP the route answers 404 like any unknown path).
 
 Each worker owns its share of the blobs and keeps its own memory (hot manifests, prepared
 answers, tag resolutions without Redis), so an evict, verify or invalidate done in worker 0
@@ -39,7 +39,7 @@ UNBOUNDED: Final = frozenset({"verify"})
 
 
 class Siblings:
-    """The workers other than this one, as its admin API reaches them."""
+    """The workers other than this one, as its admin API and its prefetch reach them."""
 
     def __init__(self, worker: Worker, relay: OwnerRelay) -> None:
         self.worker = worker
