@@ -1,7 +1,10 @@
 """Log setup: JSON lines (access log lines carry their fields at the top level) or text.
 
 Every record is handed to one writer thread (`BackgroundHandler`), which formats it and writes
-whatever has arrived in one `write`: a slow log pipe never blocks the event loop. The access log,
+whatever has arrived in one `write`: a slow log pipe never blocks the event loop. Several
+workers share stderr, in a container a pipe, where the kernel keeps only writes of up to
+PIPE_BUF bytes whole: each process's batches then go out under a lock they share
+(`share_log`), so that no line is cut in two by another process's write. The access log,
 a line per request, skips the record when the format is JSON and no other handler is in the way
 (`direct_lines`): the request's values are kept, its line is made with the others of its batch
 on the event loop, and only written by the thread, which then holds the interpreter lock for
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -88,13 +93,42 @@ class BackgroundHandler(logging.Handler):
         self.target = target
         # Lines held elsewhere (DirectLines), to go out before a record and at close.
         self.before_record: Callable[[], None] | None = None
+        self.lock_path: Path | None = None  # see `share`
+        self._lock_fd = -1
         self._start()
         os.register_at_fork(after_in_child=self._start)
 
     def _start(self) -> None:
         self.queue: queue.SimpleQueue[logging.LogRecord | str | None] = queue.SimpleQueue()
+        # The lock file, opened by each process itself: a descriptor inherited over a fork
+        # shares its lock with the parent's, which would exclude nothing.
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         self.thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self.thread.start()
+
+    def share(self, lock_path: Path) -> None:
+        """Other processes write the same stream: write each batch holding `lock_path`'s
+        flock (a process that dies holding it lets it go)."""
+        self.lock_path = lock_path
+
+    def _out(self, text: str) -> None:
+        stream = self.target.stream
+        if self.lock_path is not None and self._lock_fd < 0:
+            with contextlib.suppress(OSError):  # unlocked rather than not written at all
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                self._lock_fd = os.open(self.lock_path, flags, 0o600)
+        if self._lock_fd < 0:
+            stream.write(text)
+            stream.flush()
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            stream.write(text)
+            stream.flush()
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.before_record is not None:
@@ -125,8 +159,7 @@ class BackgroundHandler(logging.Handler):
                 except Exception:  # one bad record must not stop the log
                     self.handleError(record)
             with contextlib.suppress(OSError, ValueError):  # stderr gone: nobody to tell
-                self.target.stream.write("".join(lines))
-                self.target.stream.flush()
+                self._out("".join(lines))
             if None in batch:
                 return
 
@@ -215,3 +248,11 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def share_log(lock_path: Path) -> None:
+    """This process and those it forks write one stream (workers sharing stderr): batches go
+    out under `lock_path`'s lock, one process at a time."""
+    for handler in logging.root.handlers:
+        if isinstance(handler, BackgroundHandler):
+            handler.share(lock_path)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from proxy.ops.logging import share_log
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG: Final = 1
@@ -62,6 +64,7 @@ def supervise(
     run_dir.parent.mkdir(RUN_DIR_MODE, parents=True, exist_ok=True)
     run_dir.mkdir(RUN_DIR_MODE)
     (run_dir / "metrics").mkdir(RUN_DIR_MODE)
+    share_log(run_dir / "log.lock")  # every worker writes to the supervisor's stderr
     children: dict[int, int] = {}
     started: dict[int, float] = {}
     stopping = False

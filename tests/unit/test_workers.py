@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +19,7 @@ from unittest import mock
 import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
-from harness.mirror import Mirror
+from harness.mirror import REPO_ROOT, Mirror, serve_command
 from harness.ports import free_port
 
 from proxy.cache.provenance import Provenance
@@ -73,7 +75,10 @@ async def wait_for_admin(client: aiohttp.ClientSession, admin: str) -> None:
 
 
 def unix_session(mirror: Mirror, index: int) -> aiohttp.ClientSession:
-    path = mirror.cache_dir / "run" / f"worker-{index}.sock"
+    return unix_session_at(mirror.cache_dir / "run" / f"worker-{index}.sock")
+
+
+def unix_session_at(path: Path) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
 
 
@@ -382,6 +387,53 @@ async def test_the_workers_own_route_is_not_reachable_by_clients(
         async with client.get(blob) as again:
             assert again.headers["X-Cache"] == "HIT"
         assert fake_upstream.registry.count("GET", path_contains=digest) == 1
+
+
+async def test_workers_sharing_a_pipe_for_their_log_never_cut_a_line(tmp_path: Path) -> None:
+    """In a container stderr is a pipe, which every worker writes its log to: no line may come
+    out cut in two by another worker's write (a write of more than PIPE_BUF bytes to a pipe is
+    not kept whole), so every line read is a whole JSON object."""
+    port = free_port()
+    cache = tmp_path / "cache"
+    command = serve_command(port, cache, "--upstream", "http://127.0.0.1:9", "--workers", "2")
+    process = await asyncio.create_subprocess_exec(
+        *command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO_ROOT
+    )
+    lines: list[bytes] = []
+
+    async def read(stderr: asyncio.StreamReader) -> None:
+        while line := await stderr.readline():
+            lines.append(line)
+
+    assert process.stderr is not None
+    reading = asyncio.create_task(read(process.stderr))
+    try:
+        sockets = [cache / "run" / f"worker-{index}.sock" for index in range(WORKERS)]
+        deadline = time.monotonic() + 20
+        while not all(path.exists() for path in sockets):  # another process: nothing to await
+            assert time.monotonic() < deadline, "workers did not start"
+            await asyncio.sleep(0.05)
+        # Long lines, so that each worker's batches are many pipe pages long.
+        agent = {"User-Agent": "containerd/" + "x" * 1500}
+        sessions = [unix_session_at(path) for path in sockets]
+
+        async def pings(session: aiohttp.ClientSession) -> None:
+            for _ in range(200):
+                async with session.get("http://mirror/v2/", headers=agent) as answer:
+                    assert answer.status == 200
+
+        try:
+            await asyncio.gather(*(pings(sessions[n % WORKERS]) for n in range(40)))
+        finally:
+            for session in sessions:
+                await session.close()
+    finally:
+        process.terminate()
+        await process.wait()
+        await reading
+    records = [json.loads(line) for line in lines]  # raises on a line cut by another's write
+    access = [record for record in records if record["logger"] == "registry_proxy.access"]
+    assert len(access) == 40 * 200
 
 
 def mode(path: Path) -> int:
