@@ -59,15 +59,17 @@ def _everything(digest: Digest) -> bool:
 
 
 def sync_file(path: Path) -> None:
-    """fsync the file at `path`, unless it is gone (evicted since)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync the file at `path`, then its directory (the entry its rename made), unless it is
+    gone (evicted since)."""
+    for target, flags in ((path, 0), (path.parent, os.O_DIRECTORY)):
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | flags)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class BlobStore:
