@@ -134,4 +134,4 @@ class DownloadTimedOut(RegistryError):
 
 
 class SiblingUnreachable(Exception):
-    """Another worker did not answer worker 0's admin request (it is restarting)."""
+    """Another worker did not answer a request from this one (it is restarting, or stuck)."""

@@ -274,7 +274,7 @@ async def _everywhere(
         try:
             answers += await siblings.run(operation, payload)
         except SiblingUnreachable as exc:
-            raise AdminError(503, f"{operation}: {exc}; done in the other workers") from None
+            raise AdminError(503, f"{operation}: {exc}; the other workers did their part") from None
     return answers
 
 

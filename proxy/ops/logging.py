@@ -114,21 +114,19 @@ class BackgroundHandler(logging.Handler):
         self.lock_path = lock_path
 
     def _out(self, text: str) -> None:
-        stream = self.target.stream
         if self.lock_path is not None and self._lock_fd < 0:
             with contextlib.suppress(OSError):  # unlocked rather than not written at all
                 flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
                 self._lock_fd = os.open(self.lock_path, flags, 0o600)
-        if self._lock_fd < 0:
-            stream.write(text)
-            stream.flush()
-            return
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        locked = self._lock_fd >= 0
+        if locked:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            stream.write(text)
-            stream.flush()
+            self.target.stream.write(text)
+            self.target.stream.flush()
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.before_record is not None:
@@ -169,6 +167,9 @@ class BackgroundHandler(logging.Handler):
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         super().close()
 
 

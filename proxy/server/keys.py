@@ -48,7 +48,7 @@ PINS: Final[web.AppKey[PinResolver]] = web.AppKey("pins")
 TRAFFIC: Final[web.AppKey[RepositoryTraffic]] = web.AppKey("repository_traffic")
 PREFETCH: Final[web.AppKey[Prefetcher]] = web.AppKey("prefetch")
 PREPARED: Final[web.AppKey[PreparedAnswers]] = web.AppKey("prepared")
-# With several workers: the others, for worker 0's admin API (proxy.workers.siblings).
+# With several workers: the others, for the admin API and prefetch (proxy.workers.siblings).
 SIBLINGS: Final[web.AppKey[Siblings]] = web.AppKey("siblings")
 
 

@@ -48,9 +48,21 @@ class Siblings:
         self._told: set[asyncio.Task[None]] = set()
 
     async def run(self, operation: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        """`operation`'s answer from every other worker, all asked at once."""
+        """`operation`'s answer from every other worker, all asked at once; once all of them
+        answered or failed, raises `SiblingUnreachable` naming those that did not answer."""
         asked = (self._ask(index, operation, payload) for index in self.others)
-        return list(await asyncio.gather(*asked))
+        found: list[dict[str, Any]] = []
+        failed: list[str] = []
+        for answer in await asyncio.gather(*asked, return_exceptions=True):
+            if isinstance(answer, SiblingUnreachable):
+                failed.append(str(answer))
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                found.append(answer)
+        if failed:
+            raise SiblingUnreachable("; ".join(failed))
+        return found
 
     def pass_on_prefetch(
         self, upstream: Upstream, repository: Repository, manifest: Digest, body: bytes

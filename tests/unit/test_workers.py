@@ -491,13 +491,14 @@ def test_workers_opening_the_provenance_record_at_once_all_keep_it(tmp_path: Pat
 async def test_a_worker_that_does_not_answer_is_reported_not_waited_for(tmp_path: Path) -> None:
     """Worker 0's admin API says which worker it could not reach (one restarting, or stopped
     with its socket still accepting) instead of hanging or claiming the work done."""
-    worker = Worker(0, 2, tmp_path)
+    worker = Worker(0, 3, tmp_path)
     relay = OwnerRelay(worker)
     siblings = Siblings(worker, relay)
     evict = {"digest": "sha256:" + "0" * 64}
     try:
-        with pytest.raises(SiblingUnreachable, match="worker 1 is unreachable"):
-            await siblings.run("evict", evict)  # no socket: restarting
+        with pytest.raises(SiblingUnreachable, match="worker 1 is unreachable") as failed:
+            await siblings.run("evict", evict)  # no sockets: restarting
+        assert "worker 2 is unreachable" in str(failed.value)  # every one named, not the first
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stopped:
             stopped.bind(str(worker.socket_path(1)))
             stopped.listen()  # accepts into its backlog, never answers
