@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -31,16 +31,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MiB: Final = 1024 * 1024
-# Bytes of later parts, already on disk, read back and hashed off the loop at a time.
+# Bytes of later parts, already on disk, read back and hashed in one batch.
 HASH_SLICE: Final = 8 * MiB
-# Bytes read from the sockets but not yet written, past which reading waits for the disk.
-MAX_BACKLOG: Final = 16 * MiB
+# Bytes read from the sockets but not yet written, past which reading waits for the disk: what
+# one download holds in memory. More (16 MiB was measured) makes large batches, whose bytes are
+# no longer in the CPU's caches when they are written and hashed, and costs memory per download.
+MAX_BACKLOG: Final = 4 * MiB
 # A batch is handed to the worker thread once this large, or `BATCH_DELAY` after its first
 # chunk: on a fast link a hand-off per chunk would cost more than the write, and on a slow one
 # readers get bytes at most that late.
 MIN_BATCH: Final = MiB
 BATCH_DELAY: Final = 0.002
 IOV_MAX: Final = 1024
+# A batch is written and hashed this much at a time, so that the hash reads bytes the write has
+# just brought into the CPU's cache; later parts are read back into a buffer of this size.
+SLICE: Final = 512 * 1024
 MAX_BACKOFF: Final = 5.0
 # No part smaller than this: below it another connection costs more than it brings.
 MIN_PART: Final = MiB
@@ -246,15 +251,17 @@ class DiskLane:
     """The download's file and hash state, worked on by one thread at a time, in order.
 
     Chunks read from the sockets are queued, and whatever queued while the previous batch was
-    being written goes to a worker thread as one batch (pwritev, then hashed while still in the
-    CPU cache): one thread hand-off per batch rather than per chunk, a batch as small as one
-    chunk on a slow link (readers get bytes at once) and large on a fast one. hashlib and the
-    file calls release the GIL, so the loop goes on reading sockets meanwhile.
+    being written goes to a worker thread as one batch (written and hashed a `SLICE` at a time,
+    each slice hashed while the write has left it in the CPU's cache): one thread hand-off per
+    batch rather than per chunk, a batch as small as one chunk on a slow link (readers get bytes
+    at once) and up to `MAX_BACKLOG` on a fast one. hashlib and the file calls release the GIL,
+    so the loop goes on reading sockets meanwhile.
 
     Hashing follows the contiguous prefix from byte 0: a batch that extends it is hashed as it
-    is written; bytes of later parts, already on disk, are read back and hashed (`HASH_SLICE`
-    at a time) once the prefix reaches them. The hasher and every part's `on_disk` are touched
-    by the batch in flight only, and the loop reads the prefix from its result.
+    is written; bytes of later parts, already on disk, are read back into one reused buffer and
+    hashed (`HASH_SLICE` per batch) once the prefix reaches them. The hasher, the read-back
+    buffer and every part's `on_disk` are touched by the batch in flight only, and the loop
+    reads the prefix from its result.
     """
 
     def __init__(self, download: Download, parts: list[Part]) -> None:
@@ -270,6 +277,7 @@ class DiskLane:
         self._timer: asyncio.TimerHandle | None = None
         self._progress = asyncio.Event()
         self._stopped = False
+        self._read_back: memoryview | None = None  # the batch in flight's, made when first needed
 
     def write(self, part: Part, chunk: bytes) -> None:
         """Queue `chunk`, the bytes of `part` from its `position`."""
@@ -355,20 +363,27 @@ class DiskLane:
     def _write_batch(self, batch: Batch) -> int:
         """In the worker thread: write the batch, hash what extends the prefix."""
         for part, offset, chunks in batch:
-            _pwritev(self.fd, chunks, offset)
-            part.on_disk = offset + sum(len(chunk) for chunk in chunks)
-            if offset == self.hashed:
-                for chunk in chunks:
-                    self.hasher.update(chunk)
-                self.hashed = part.on_disk
-        # Later parts that the prefix has reached, a slice per batch so that writes go on.
+            extends = offset == self.hashed
+            for piece in _slices(chunks):
+                offset += _pwritev(self.fd, piece, offset)
+                if extends:
+                    for chunk in piece:
+                        self.hasher.update(chunk)
+            part.on_disk = offset
+            if extends:
+                self.hashed = offset
+        # Later parts that the prefix has reached, `HASH_SLICE` per batch so that writes go on.
         if (frontier := self._frontier()) > self.hashed:
-            count = min(frontier - self.hashed, HASH_SLICE)
-            data = os.pread(self.fd, count, self.hashed)
-            if not data:
-                raise OSError(f"the temporary file ends at {self.hashed}")
-            self.hasher.update(data)
-            self.hashed += len(data)
+            if self._read_back is None:
+                self._read_back = memoryview(bytearray(SLICE))
+            end = min(frontier, self.hashed + HASH_SLICE)
+            while self.hashed < end:
+                view = self._read_back[: end - self.hashed]
+                count = os.preadv(self.fd, [view], self.hashed)
+                if not count:
+                    raise OSError(f"the temporary file ends at {self.hashed}")
+                self.hasher.update(view[:count])
+                self.hashed += count
         return self.hashed
 
     def _frontier(self) -> int:
@@ -380,14 +395,32 @@ class DiskLane:
         return hashed
 
 
-def _pwritev(fd: int, chunks: list[bytes], offset: int) -> None:
+def _slices(chunks: list[bytes]) -> Iterator[list[bytes]]:
+    """`chunks` in runs of consecutive chunks of about `SLICE` bytes (a larger chunk alone)."""
+    run: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        run.append(chunk)
+        size += len(chunk)
+        if size >= SLICE:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
+
+
+def _pwritev(fd: int, chunks: list[bytes], offset: int) -> int:
+    """Write all of `chunks` at `offset`; the count written."""
+    total = 0
     views = [memoryview(chunk) for chunk in chunks]
     first = 0
     while first < len(views):
         written = os.pwritev(fd, views[first : first + IOV_MAX], offset)
         offset += written
+        total += written
         while first < len(views) and written >= len(views[first]):
             written -= len(views[first])
             first += 1
         if written:
             views[first] = views[first][written:]
+    return total

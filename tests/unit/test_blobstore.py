@@ -7,12 +7,14 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from blobsources import CountingOpener, random_blob
+from blobsources import CountingOpener, MemorySource, random_blob
 
-from proxy.cache.download import Download, State
+from proxy.cache.download import BlobSource, Download, State
+from proxy.cache.fetch import MAX_BACKLOG, MIN_BATCH, DiskLane, Part
 from proxy.cache.store import BlobStore
 from proxy.errors import DigestMismatch
 from proxy.oci import Digest
@@ -394,3 +396,86 @@ async def test_a_temporary_file_another_process_is_writing_is_left_alone(
         assert digest not in store
     finally:
         os.close(holder)
+
+
+class TallyingSource(MemorySource):
+    """A `MemorySource` that counts the bytes taken from it."""
+
+    taken = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in super().chunks():
+            self.taken += len(chunk)
+            yield chunk
+
+
+async def test_a_download_holds_at_most_its_backlog_in_memory_while_the_disk_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest, data = random_blob(3 * MAX_BACKLOG)
+    store = BlobStore(tmp_path, 4 * len(data))
+    await store.open()
+    writing, disk = threading.Event(), threading.Event()
+    pwritev = os.pwritev
+
+    def slow_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        writing.set()
+        assert disk.wait(timeout=30)
+        return pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    chunk = 256 * 1024
+    sources: list[TallyingSource] = []
+
+    async def opener(offset: int) -> BlobSource:
+        sources.append(TallyingSource(data, offset, chunk=chunk))
+        return sources[-1]
+
+    download, _ = store.download(digest, opener)
+    # The download reads on, without giving the loop back, until it waits for the disk.
+    assert await asyncio.to_thread(writing.wait, 10)
+    assert MIN_BATCH <= sources[0].taken <= MAX_BACKLOG + chunk
+
+    disk.set()
+    assert await read_all(download) == data
+    assert download.task is not None
+    await download.task
+    assert store.blob_path(digest).read_bytes() == data
+
+
+class LaneHost:
+    """What a `DiskLane` uses of its download."""
+
+    def __init__(self, fd: int, digest: Digest) -> None:
+        self.fd = fd
+        self.hasher = digest.hasher()
+        self.written = 0
+
+    def advance(self, count: int) -> None:
+        self.written += count
+
+
+@pytest.mark.parametrize("chunk", [100_000, 3 * 1024 * 1024])
+async def test_parts_written_out_of_order_are_hashed_once_the_prefix_reaches_them(
+    tmp_path: Path, chunk: int
+) -> None:
+    digest, data = random_blob(7_000_000)
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT, 0o600)
+    host = LaneHost(fd, digest)
+    parts = [Part(0, 2_000_000), Part(2_000_000, len(data))]
+    lane = DiskLane(host, parts)  # type: ignore[arg-type]
+    try:
+        for part in reversed(parts):  # the later part lands first, read back to be hashed
+            while part.position < part.end:
+                piece = data[part.position : min(part.position + chunk, part.end)]
+                lane.write(part, piece)
+                part.position += len(piece)
+            await lane.drain()
+            if part.start:
+                assert host.written == 0  # on disk, but not contiguous from byte 0
+        await lane.finish()
+    finally:
+        await lane.stop()
+        os.close(fd)
+    assert host.hasher.hexdigest() == digest.encoded
+    assert (tmp_path / "blob").read_bytes() == data
