@@ -365,13 +365,14 @@ class DiskLane:
         for part, offset, chunks in batch:
             extends = offset == self.hashed
             for piece in _slices(chunks):
+                # Kept in step slice by slice: when a write fails (ENOSPC), a reader carries on
+                # from upstream at `hashed` with the hash state of exactly those bytes.
                 offset += _pwritev(self.fd, piece, offset)
+                part.on_disk = offset
                 if extends:
                     for chunk in piece:
                         self.hasher.update(chunk)
-            part.on_disk = offset
-            if extends:
-                self.hashed = offset
+                    self.hashed = offset
         # Later parts that the prefix has reached, `HASH_SLICE` per batch so that writes go on.
         if (frontier := self._frontier()) > self.hashed:
             if self._read_back is None:
