@@ -397,7 +397,7 @@ class DiskLane:
 
 
 def _slices(chunks: list[bytes]) -> Iterator[list[bytes]]:
-    """`chunks` in runs of consecutive chunks of about `SLICE` bytes (a larger chunk alone)."""
+    """`chunks` in runs, each ending at the chunk that takes it to `SLICE` bytes or past."""
     run: list[bytes] = []
     size = 0
     for chunk in chunks:
