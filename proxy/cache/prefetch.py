@@ -144,10 +144,11 @@ class Prefetcher:
             self._checked.clear()
         self._checked[manifest] = now
         queued = 0
-        foreign = False
+        tell = None if passed_on else self.on_foreign
+        foreign = False  # a blob another worker owns is missing: tell it (looked up once)
         for digest, size in self._blobs_of(manifest, body):
             if not self.store.claims(digest):
-                foreign = foreign or not self.store.has_file(digest)
+                foreign = foreign or (tell is not None and not self.store.has_file(digest))
                 continue
             if (
                 digest in self._queued
@@ -165,8 +166,8 @@ class Prefetcher:
             task = asyncio.get_running_loop().create_task(self._work(), name="prefetch")
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
-        if foreign and not passed_on and self.on_foreign is not None:
-            self.on_foreign(upstream, repository, manifest, body)
+        if foreign and tell is not None:
+            tell(upstream, repository, manifest, body)
         return queued
 
     def _blobs_of(self, manifest: Digest, body: bytes) -> tuple[tuple[Digest, int], ...]:
