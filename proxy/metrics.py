@@ -118,6 +118,14 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.worker_handoffs = Counter(
+            f"{PREFIX}_worker_handoffs",
+            "Blob requests a worker passed to the worker that owns the blob (--workers), by how"
+            " the bytes came: file (sent by this worker from the owner's download file) or relay"
+            " (through the owner).",
+            ["via"],
+            registry=r,
+        )
         self.aborted_responses = Counter(
             f"{PREFIX}_aborted_responses",
             "Responses cut off mid-body after their status went out, by cause (client: it went"

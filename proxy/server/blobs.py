@@ -197,6 +197,15 @@ class BlobServing(Protocol):
     ) -> web.StreamResponse: ...
 
 
+class Handoff(Protocol):
+    """Answers a request for a download in flight other than with its bytes, or returns None
+    to let them be sent (`proxy.workers.following`: a sibling worker sends them itself)."""
+
+    async def __call__(
+        self, request: web.Request, download: Download, opener: Opener, result: CacheResult
+    ) -> web.StreamResponse | None: ...
+
+
 class BlobService:
     def __init__(
         self,
@@ -210,6 +219,7 @@ class BlobService:
         self.send_timeout = send_timeout
         # Told of every blob a client GETs (prefetch counts what paid: `Prefetcher.read`).
         self.on_read = on_read
+        self.handoff: Handoff | None = None
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: Repository, digest: Digest
@@ -238,6 +248,10 @@ class BlobService:
                 with self.store.open_blob(digest) as cached:
                     if cached is not None:
                         return await self.serve_file(request, digest, cached[0], cached[1], result)
+            if self.handoff is not None:
+                answer = await self.handoff(request, download, opener, result)
+                if answer is not None:
+                    return answer
             return await self._serve_download(request, download, opener, result)
 
     async def head_upstream(
@@ -245,7 +259,7 @@ class BlobService:
     ) -> web.StreamResponse:
         # A HEAD does not start a download: a client checking for a blob may never fetch it.
         size = await upstream.head_blob(repository, digest)
-        response = _response(request, digest, size, None, CacheResult.MISS)
+        response = blob_response(request, digest, size, None, CacheResult.MISS)
         await response.prepare(request)
         return response
 
@@ -258,7 +272,7 @@ class BlobService:
             notes(request).cache_result = result
             return web.StreamResponse(status=304, headers={"ETag": etag, "X-Cache": result.header})
         byte_range = parse_range(request.headers.get("Range"), size)
-        response = _response(request, digest, size, byte_range, result)
+        response = blob_response(request, digest, size, byte_range, result)
         await response.prepare(request)
         if request.method == "HEAD":
             return response
@@ -282,7 +296,7 @@ class BlobService:
             return await self.pass_through(request, download.digest, opener)
         byte_range = parse_range(request.headers.get("Range"), size)
         body = Body.for_range(byte_range, size)
-        response = _response(request, download.digest, size, byte_range, result)
+        response = blob_response(request, download.digest, size, byte_range, result)
         await response.prepare(request)
         transfer = Transfer(request, response, result, self.metrics, self.send_timeout)
         position = body.start
@@ -294,7 +308,7 @@ class BlobService:
                 # The cache write failed under us: carry on from upstream where the file stops,
                 # verifying the whole blob when this response covers all of it.
                 hasher = download.hasher.copy() if body.start == 0 else None
-                await _relay(transfer, opener, download.digest, position, body, hasher)
+                await relay_upstream(transfer, opener, download.digest, position, body, hasher)
         except Exception as exc:
             self._abort(request, download.digest, exc)
             return response
@@ -315,12 +329,12 @@ class BlobService:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream did not say the blob's size")
         byte_range = parse_range(request.headers.get("Range"), stream.size)
         body = Body.for_range(byte_range, stream.size)
-        response = _response(request, digest, stream.size, byte_range, CacheResult.MISS)
+        response = blob_response(request, digest, stream.size, byte_range, CacheResult.MISS)
         await response.prepare(request)
         transfer = Transfer(request, response, CacheResult.MISS, self.metrics, self.send_timeout)
         hasher = digest.hasher() if body.start == 0 else None
         try:
-            await _relay(transfer, opener, digest, body.start, body, hasher)
+            await relay_upstream(transfer, opener, digest, body.start, body, hasher)
         except Exception as exc:
             self._abort(request, digest, exc)
             return response
@@ -328,7 +342,7 @@ class BlobService:
         return response
 
 
-async def _relay(
+async def relay_upstream(
     transfer: Transfer, opener: Opener, digest: Digest, position: int, body: Body, hasher: Any
 ) -> None:
     """Copy bytes `position`..`body.end` from upstream to the client.
@@ -358,7 +372,7 @@ async def _relay(
     raise RegistryError(ErrorCode.UNAVAILABLE, "upstream blob ended early", status=502)
 
 
-def _response(
+def blob_response(
     request: web.Request,
     digest: Digest,
     size: int,

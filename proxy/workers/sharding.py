@@ -3,9 +3,10 @@
 The owner of a digest (`owner_of`: a fixed split, so workers never race for one blob and their
 budgets add up to the directory's) alone downloads it, accounts for it against its share of the
 budget and evicts it. Another worker serves a complete blob straight from the shared directory,
-and relays a miss to the owner over the owner's Unix socket (`<cache-dir>/run/worker-<n>.sock`),
+and passes a miss to the owner over the owner's Unix socket (`<cache-dir>/run/worker-<n>.sock`),
 so 50 concurrent requests for one blob spread over every worker still make one upstream
-download, streamed to all of them as it lands.
+download, streamed to all of them as it lands: from the owner's download file, as the owner says
+it verified (`proxy.workers.following`), or for a range through the owner.
 
 This is a layer: `ShardedStore` is the store that claims only its own digests, and
 `ShardedBlobService` decorates the blob service; `unless_relayed` keeps the observe middleware
@@ -41,6 +42,7 @@ from proxy.server.blobs import BlobService, abort_transfer, send_chunk
 from proxy.server.keys import notes
 from proxy.server.middleware import Handler, Middleware
 from proxy.upstream.client import Upstream
+from proxy.workers.following import FILE_HEADER, FOLLOW_HEADER, Feed, follow, open_followed
 from proxy.workers.supervisor import Worker
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,8 @@ class ShardedBlobService:
         self.inner = inner
         self.store = store
         self.relay = relay
+        # What this worker owns and downloads, its siblings send from the file themselves.
+        inner.handoff = Feed(inner.metrics, inner.send_timeout, is_relayed)
         # Blobs other workers own that their owner has verified since this worker started.
         self._foreign_verified: set[Digest] = set()
 
@@ -152,10 +156,27 @@ class ShardedBlobService:
                 return await self.inner.serve_file(
                     request, digest, found[0], found[1], CacheResult.HIT
                 )
+        headers = {**forwarded, RELAY_HEADER: "1"}
+        if request.method == "GET" and "Range" not in request.headers:
+            headers[FOLLOW_HEADER] = "1"
         try:
-            answer = await session.request(
-                request.method, url, headers={**forwarded, RELAY_HEADER: "1"}, ssl=False
-            )
+            answer = await session.request(request.method, url, headers=headers, ssl=False)
+            if FILE_HEADER in answer.headers:
+                try:
+                    with open_followed(
+                        self.store.layout, digest, answer.headers[FILE_HEADER]
+                    ) as fd:
+                        if fd is not None:
+                            self.inner.metrics.worker_handoffs.labels("file").inc()
+                            return await follow(
+                                request, answer, fd, digest, self.store.blob_path(digest),
+                                self.inner.metrics, self.inner.send_timeout,
+                            )  # fmt: skip
+                finally:
+                    answer.release()
+                # Not the file the owner writes into (it moved on): its bytes, through it.
+                del headers[FOLLOW_HEADER]
+                answer = await session.request(request.method, url, headers=headers, ssl=False)
         except aiohttp.ClientError as exc:
             # The owner is restarting: this client is served straight from upstream instead.
             log.warning("worker owning %s unreachable (%s); passing it through", digest, exc)
@@ -166,6 +187,7 @@ class ShardedBlobService:
             if request.method == "HEAD":
                 return await self.inner.head_upstream(request, upstream, repository, digest)
             return await self.inner.pass_through(request, digest, opener)
+        self.inner.metrics.worker_handoffs.labels("relay").inc()
         try:
             headers = {k: v for k, v in answer.headers.items() if k in RELAYED_BACK}
             if (result := CacheResult.from_header(answer.headers.get("X-Cache"))) is not None:

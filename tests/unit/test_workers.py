@@ -19,11 +19,15 @@ from unittest import mock
 import aiohttp
 import pytest
 from fakeupstream import FakeUpstreamServer, Gate
+from harness.filesystems import tmpfs
 from harness.mirror import REPO_ROOT, Mirror, serve_command
 from harness.ports import free_port
 
+from proxy.cache.layout import Layout
 from proxy.cache.provenance import Provenance
 from proxy.errors import SiblingUnreachable
+from proxy.oci import Digest
+from proxy.workers.following import identity, open_followed
 from proxy.workers.sharding import OwnerRelay
 from proxy.workers.siblings import Siblings
 from proxy.workers.supervisor import Worker
@@ -132,6 +136,84 @@ async def test_a_herd_spread_over_every_worker_makes_one_upstream_download(
             if line.startswith('registry_proxy_served_bytes_total{source="upstream"}')
         ]  # fmt: skip
         assert float(served[0].split()[-1]) == 50 * len(data)
+        # The owner's clients were sent the bytes by the owner; the others', by their own
+        # worker from the owner's download file, not through the owner.
+        assert series(metrics, 'registry_proxy_worker_handoffs_total{via="file"}') == 25
+        assert series(metrics, 'registry_proxy_worker_handoffs_total{via="relay"}') == 0
+
+
+def series(metrics: str, name: str) -> float:
+    """A sample's value in a /metrics text, 0 when the series has none yet."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def metrics_of(mirror: Mirror) -> str:
+    async with aiohttp.ClientSession() as client, client.get(f"{mirror.url}/metrics") as got:
+        return await got.text()
+
+
+@pytest.mark.parametrize("fault", ["lie_about_digest", "truncate"])
+async def test_a_worker_following_another_workers_download_never_completes_a_bad_blob(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path, fault: str
+) -> None:
+    registry = fake_upstream.registry
+    registry.add_image("team/app", "1.0", [b"x"])
+    data = owned_by(0, 1024 * 1024)
+    digest = registry.add_blob(data)
+    if fault == "lie_about_digest":
+        registry.lie_about_digest.add(digest)  # one byte flipped: only the hash can tell
+    else:
+        registry.truncate[digest] = 700_000
+    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
+    async with started(mirror):
+        await wait_for_workers(mirror, mirror.pid)
+        async with unix_session(mirror, 1) as worker_1:
+            url = f"http://mirror/v2/team/app/blobs/{digest}"
+            async with worker_1.get(url) as bad:
+                assert bad.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await bad.read()
+            registry.lie_about_digest.clear()
+            registry.truncate.clear()
+            async with worker_1.get(url) as good:
+                assert await good.read() == data
+        metrics = await metrics_of(mirror)
+    assert series(metrics, 'registry_proxy_worker_handoffs_total{via="file"}') == 2
+    assert series(metrics, 'registry_proxy_aborted_responses_total{cause="upstream"}') == 1
+
+
+async def test_a_worker_following_a_download_that_fills_the_disk_still_sends_the_whole_blob(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """The owner's cache write fails part way: the worker following it gets the rest of the
+    blob from the owner, which carries on from upstream and verifies the whole."""
+    registry = fake_upstream.registry
+    registry.add_image("team/app", "1.0", [b"x"])
+    data = owned_by(0, 24 * 1024 * 1024)
+    digest = registry.add_blob(data)
+    gate = registry.gate[digest] = Gate(after_bytes=1024 * 1024)
+    workdir = tmp_path / "mirror"
+    workdir.mkdir()
+    with tmpfs(workdir / "cache", "12m"):
+        mirror = Mirror(workdir, fake_upstream.url, "--workers", str(WORKERS))
+        async with started(mirror):
+            await wait_for_workers(mirror, mirror.pid)
+            async with unix_session(mirror, 1) as worker_1:
+                url = f"http://mirror/v2/team/app/blobs/{digest}"
+                async with worker_1.get(url) as got:
+                    assert got.status == 200
+                    # Bytes from the file before the disk fills: this worker is following.
+                    first = await got.content.readany()
+                    gate.release.set()
+                    assert first + await got.read() == data
+            metrics = await metrics_of(mirror)
+            blob = mirror.cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+            assert not blob.exists()
+    assert series(metrics, 'registry_proxy_worker_handoffs_total{via="file"}') == 1
+    assert registry.count("GET", f"/blobs/{digest}") >= 2  # the rest came from upstream
 
 
 async def test_a_crashed_worker_is_restarted_and_the_mirror_keeps_serving(
@@ -509,3 +591,27 @@ async def test_a_worker_that_does_not_answer_is_reported_not_waited_for(tmp_path
                 await siblings.run("evict", evict)
     finally:
         await relay.close()
+
+
+def test_a_followed_download_is_opened_by_its_inode_under_either_name(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.create()
+    digest = Digest.of(b"blob")
+    layout.temp_path(digest).write_bytes(b"blo")
+    written = identity(os.stat(layout.temp_path(digest)))
+    with open_followed(layout, digest, written) as fd:
+        assert fd is not None
+        assert os.pread(fd, 10, 0) == b"blo"
+    layout.make_shard_dir(digest)
+    os.rename(layout.temp_path(digest), layout.blob_path(digest))  # committed meanwhile
+    with open_followed(layout, digest, written) as fd:
+        assert fd is not None
+    # Another file under the name (evicted and fetched again): not the one the feed is about.
+    held = os.open(layout.blob_path(digest), os.O_RDONLY)  # its inode number stays taken
+    try:
+        layout.blob_path(digest).unlink()
+        layout.temp_path(digest).write_bytes(b"blob")
+        with open_followed(layout, digest, written) as fd:
+            assert fd is None
+    finally:
+        os.close(held)
