@@ -23,7 +23,7 @@ from harness.images import (
     build_image,
     build_index,
 )
-from harness.mirror import Mirror
+from harness.mirror import Mirror, MirrorProcesses
 from harness.processes import Distribution
 from harness.push import push_image, push_index
 from harness.skopeo import SkopeoError, skopeo_copy
@@ -98,6 +98,28 @@ async def test_skopeo_pulls_a_multi_layer_image_by_tag_through_the_mirror(
         dest = tmp_path / attempt
         found = await pull(f"{mirror.host}/{repo}:v1", dest)
         assert_pulled_image(found, dest, image)
+
+
+async def test_skopeo_pulls_at_once_through_two_workers_are_exact(
+    distribution: Distribution,
+    mirror_factory: MirrorProcesses,
+    http_session: aiohttp.ClientSession,
+    repo: str,
+    tmp_path: Path,
+) -> None:
+    """Cold pulls spread over two workers: each client gets the blobs the other worker owns
+    from the owner's download as it lands (sent from its file), or from the shared directory."""
+    image = build_image("oci", layer_sizes=(4 * 1024 * 1024, 6 * 1024 * 1024, 256 * 1024))
+    await push_image(http_session, distribution.url, repo, image, "v1")
+    mirror = mirror_factory("--workers", "2", "--log-level", "info")
+    dests = [tmp_path / f"pull-{n}" for n in range(4)]
+    pulled = await asyncio.gather(*(pull(f"{mirror.host}/{repo}:v1", dest) for dest in dests))
+    for found, dest in zip(pulled, dests, strict=True):
+        assert_pulled_image(found, dest, image)
+    async with http_session.get(f"{mirror.url}/metrics") as answer:
+        metrics = await answer.text()
+    assert 'registry_proxy_aborted_responses_total{cause="upstream"} 0.0' in metrics
+    assert 'registry_proxy_aborted_responses_total{cause="mirror"} 0.0' in metrics
 
 
 @pytest.mark.parametrize("variant", ["default-arch", "arm64", "all"])
