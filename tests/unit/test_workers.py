@@ -155,6 +155,18 @@ async def metrics_of(mirror: Mirror) -> str:
         return await got.text()
 
 
+@contextlib.asynccontextmanager
+async def through_worker_1(
+    workdir: Path, upstream: str
+) -> AsyncIterator[tuple[Mirror, aiohttp.ClientSession]]:
+    """Two workers, and a session to worker 1 (a client of the blobs `owned_by(0, ...)`)."""
+    mirror = Mirror(workdir, upstream, "--workers", str(WORKERS))
+    async with started(mirror):
+        await wait_for_workers(mirror, mirror.pid)
+        async with unix_session(mirror, 1) as session:
+            yield mirror, session
+
+
 @pytest.mark.parametrize("fault", ["lie_about_digest", "truncate"])
 async def test_a_worker_following_another_workers_download_never_completes_a_bad_blob(
     fake_upstream: FakeUpstreamServer, tmp_path: Path, fault: str
@@ -167,19 +179,16 @@ async def test_a_worker_following_another_workers_download_never_completes_a_bad
         registry.lie_about_digest.add(digest)  # one byte flipped: only the hash can tell
     else:
         registry.truncate[digest] = 700_000
-    mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
-    async with started(mirror):
-        await wait_for_workers(mirror, mirror.pid)
-        async with unix_session(mirror, 1) as worker_1:
-            url = f"http://mirror/v2/team/app/blobs/{digest}"
-            async with worker_1.get(url) as bad:
-                assert bad.status == 200
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await bad.read()
-            registry.lie_about_digest.clear()
-            registry.truncate.clear()
-            async with worker_1.get(url) as good:
-                assert await good.read() == data
+    async with through_worker_1(tmp_path, fake_upstream.url) as (mirror, worker_1):
+        url = f"http://mirror/v2/team/app/blobs/{digest}"
+        async with worker_1.get(url) as bad:
+            assert bad.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await bad.read()
+        registry.lie_about_digest.clear()
+        registry.truncate.clear()
+        async with worker_1.get(url) as good:
+            assert await good.read() == data
         metrics = await metrics_of(mirror)
     assert series(metrics, 'registry_proxy_worker_handoffs_total{via="file"}') == 2
     assert series(metrics, 'registry_proxy_aborted_responses_total{cause="upstream"}') == 1
@@ -198,17 +207,14 @@ async def test_a_worker_following_a_download_that_fills_the_disk_still_sends_the
     workdir = tmp_path / "mirror"
     workdir.mkdir()
     with tmpfs(workdir / "cache", "12m"):
-        mirror = Mirror(workdir, fake_upstream.url, "--workers", str(WORKERS))
-        async with started(mirror):
-            await wait_for_workers(mirror, mirror.pid)
-            async with unix_session(mirror, 1) as worker_1:
-                url = f"http://mirror/v2/team/app/blobs/{digest}"
-                async with worker_1.get(url) as got:
-                    assert got.status == 200
-                    # Bytes from the file before the disk fills: this worker is following.
-                    first = await got.content.readany()
-                    gate.release.set()
-                    assert first + await got.read() == data
+        async with through_worker_1(workdir, fake_upstream.url) as (mirror, worker_1):
+            url = f"http://mirror/v2/team/app/blobs/{digest}"
+            async with worker_1.get(url) as got:
+                assert got.status == 200
+                # Bytes from the file before the disk fills: this worker is following.
+                first = await got.content.readany()
+                gate.release.set()
+                assert first + await got.read() == data
             metrics = await metrics_of(mirror)
             blob = mirror.cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
             assert not blob.exists()
