@@ -226,6 +226,8 @@ class Metrics:
             self.served_bytes.labels(source)
         for cause in ABORT_CAUSES:
             self.aborted_responses.labels(cause)
+        for via in ("file", "relay"):
+            self.worker_handoffs.labels(via)
         for answered in ("connection", "app"):
             self.prepared_answers.labels(answered)
         for kind in ("blob", "manifest", "tag"):
