@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import re
+import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,11 @@ def audit_cache(cache_dir: Path, *, junk: Collection[Path] = ()) -> CacheAudit:
             for temp in sorted(entry.iterdir()):
                 if temp.resolve() in planted or _READY_PROBE.fullmatch(temp.name):
                     continue
-                if _TEMP_NAME.fullmatch(temp.name) and temp.is_file() and not temp.is_symlink():
+                try:
+                    mode = temp.lstat().st_mode
+                except FileNotFoundError:
+                    continue  # a download renamed into place (or removed) since the listing
+                if _TEMP_NAME.fullmatch(temp.name) and stat.S_ISREG(mode):
                     audit.temp.append(temp.name)
                 else:
                     audit.problems.append(f"unexpected entry in tmp/: {temp}")
