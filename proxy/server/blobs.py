@@ -305,10 +305,7 @@ class BlobService:
                 await transfer.send_file(fd, offset, count)
                 position = offset + count
             if position <= body.end:
-                # The cache write failed under us: carry on from upstream where the file stops,
-                # verifying the whole blob when this response covers all of it.
-                hasher = download.hasher.copy() if body.start == 0 else None
-                await relay_upstream(transfer, opener, download.digest, position, body, hasher)
+                await finish_from_upstream(transfer, download, opener, position, body)
         except Exception as exc:
             self._abort(request, download.digest, exc)
             return response
@@ -334,7 +331,7 @@ class BlobService:
         transfer = Transfer(request, response, CacheResult.MISS, self.metrics, self.send_timeout)
         hasher = digest.hasher() if body.start == 0 else None
         try:
-            await relay_upstream(transfer, opener, digest, body.start, body, hasher)
+            await _relay(transfer, opener, digest, body.start, body, hasher)
         except Exception as exc:
             self._abort(request, digest, exc)
             return response
@@ -342,7 +339,16 @@ class BlobService:
         return response
 
 
-async def relay_upstream(
+async def finish_from_upstream(
+    transfer: Transfer, download: Download, opener: Opener, position: int, body: Body
+) -> None:
+    """The cache write failed under a reader at `position`: the rest of `body` from upstream,
+    verifying the whole blob when `body` covers all of it."""
+    hasher = download.hasher.copy() if body.start == 0 else None
+    await _relay(transfer, opener, download.digest, position, body, hasher)
+
+
+async def _relay(
     transfer: Transfer, opener: Opener, digest: Digest, position: int, body: Body, hasher: Any
 ) -> None:
     """Copy bytes `position`..`body.end` from upstream to the client.

@@ -34,7 +34,7 @@ from proxy.server.blobs import (
     Transfer,
     abort_transfer,
     blob_response,
-    relay_upstream,
+    finish_from_upstream,
     send_chunk,
 )
 
@@ -87,12 +87,10 @@ class Feed:
                 position = offset + count
                 await send_chunk(response, b"%d\n" % position, self.send_timeout)
             if position < size:
-                # The cache write failed: the rest from upstream, verified as readers do here.
+                # The cache write failed: the rest from upstream, as the owner's readers get it.
                 await send_chunk(response, REST + b"\n", self.send_timeout)
                 transfer = Transfer(request, response, result, self.metrics, self.send_timeout)
-                hasher = download.hasher.copy()
-                body = Body(0, size - 1)
-                await relay_upstream(transfer, opener, download.digest, position, body, hasher)
+                await finish_from_upstream(transfer, download, opener, position, Body(0, size - 1))
         except Exception as exc:
             abort_transfer(request, download.digest, exc)
             return response
