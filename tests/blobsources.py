@@ -53,6 +53,9 @@ class MemorySource:
     def size(self) -> int | None:
         return self._size
 
+    def socket_body(self) -> None:
+        return None  # bytes from memory, as aiohttp hands them over
+
     async def chunks(self) -> AsyncIterator[bytes]:
         position = self.offset
         while position < len(self.data):

@@ -28,7 +28,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from proxy.cache.fetch import BodyChanged, BodyFetch, FetchPolicy, RangeOrigin
+from proxy.cache.fetch import BodyChanged, BodyFetch, FetchPolicy, RangeOrigin, SocketSource
 from proxy.cache.layout import CREATE_FLAGS, FILE_MODE, Layout, remove_unlocked
 from proxy.errors import (
     DigestMismatch,
@@ -56,6 +56,9 @@ class BlobSource(Protocol):
     def accepts_ranges(self) -> bool: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    # The body as its socket's bytes, when it can be read that way; then `chunks` is not used.
+    def socket_body(self) -> SocketSource | None: ...
 
     def close(self) -> None: ...
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
@@ -43,6 +44,13 @@ MAX_BACKLOG: Final = 4 * MiB
 MIN_BATCH: Final = MiB
 BATCH_DELAY: Final = 0.002
 IOV_MAX: Final = 1024
+# A body read from its socket (`SocketSource`) goes through one buffer of `SOCKET_BUFFER`, a step
+# (one thread hand-off) reads up to `SOCKET_STEP` bytes or for `SOCKET_SECONDS`, and waits up to
+# `SOCKET_WAIT` for more before it hands back.
+SOCKET_BUFFER: Final = MiB
+SOCKET_STEP: Final = 4 * MiB
+SOCKET_SECONDS: Final = 0.01
+SOCKET_WAIT: Final = 0.001
 # A batch is written and hashed this much at a time, so that the hash reads bytes the write has
 # just brought into the CPU's cache; later parts are read back into a buffer of this size.
 SLICE: Final = 512 * 1024
@@ -74,6 +82,24 @@ class FetchPolicy:
 
 
 DEFAULT_FETCH_POLICY: Final = FetchPolicy()
+
+
+class SocketSource(Protocol):
+    """The rest of a body read from its socket by the disk thread (`proxy.upstream.socket_body`):
+    `buffered` first, then `remaining` bytes from the socket."""
+
+    buffered: list[bytes]
+    remaining: int
+
+    # In the disk thread: what the socket has now, into `view`; 0 when nothing yet. Raises a
+    # RegistryError when the transfer broke.
+    def read_into(self, view: memoryview) -> int: ...
+
+    # In the disk thread: whether bytes arrived within `seconds`.
+    def wait(self, seconds: float) -> bool: ...
+
+    # On the loop: until bytes arrive; raises the upstream's timeout.
+    async def readable(self) -> None: ...
 
 
 class RangeOrigin(Protocol):
@@ -224,23 +250,43 @@ class BodyFetch:
         return stream
 
     async def _copy(self, stream: BlobSource, part: Part) -> None:
-        lane = self.lane
+        if (body := stream.socket_body()) is not None:
+            await self._copy_socket(body, part)
+            return
         async for chunk in stream.chunks():
-            room = part.end - part.position
-            if len(chunk) > room:
-                if part.end == self.size:
-                    raise DigestMismatch(self.download.digest, "more bytes than its Content-Length")
-                chunk = chunk[:room]  # the first part reads a whole-body stream up to its end
-            lane.write(part, chunk)
-            part.position += len(chunk)
-            if lane.backlog > MAX_BACKLOG:
-                await lane.drain(MAX_BACKLOG // 2)
-            elif lane.error is not None:
-                raise lane.error
-            if part.position >= part.end:
+            if await self._queue(part, chunk):
                 return
         if part.position < part.end:
             raise ShortBody()
+
+    async def _copy_socket(self, body: SocketSource, part: Part) -> None:
+        """`_copy` of a body the disk thread reads from its socket: what aiohttp had read
+        first, through the queue, then the socket's bytes in `DiskLane.read_socket` steps."""
+        for chunk in body.buffered:
+            if await self._queue(part, chunk):
+                return
+        await self.lane.drain()  # the socket's bytes go after these
+        while part.position < part.end:
+            if not body.remaining:
+                raise ShortBody()
+            if not await self.lane.read_socket(part, body):
+                await body.readable()
+
+    async def _queue(self, part: Part, chunk: bytes) -> bool:
+        """Queue `chunk` for the disk thread; whether `part` is complete."""
+        lane = self.lane
+        room = part.end - part.position
+        if len(chunk) > room:
+            if part.end == self.size:
+                raise DigestMismatch(self.download.digest, "more bytes than its Content-Length")
+            chunk = chunk[:room]  # the first part reads a whole-body stream up to its end
+        lane.write(part, chunk)
+        part.position += len(chunk)
+        if lane.backlog > MAX_BACKLOG:
+            await lane.drain(MAX_BACKLOG // 2)
+        elif lane.error is not None:
+            raise lane.error
+        return part.position >= part.end
 
 
 # Chunks to write: per part, from an offset.
@@ -278,6 +324,7 @@ class DiskLane:
         self._progress = asyncio.Event()
         self._stopped = False
         self._read_back: memoryview | None = None  # the batch in flight's, made when first needed
+        self._socket_buffer: memoryview | None = None  # the same, for socket steps
 
     def write(self, part: Part, chunk: bytes) -> None:
         """Queue `chunk`, the bytes of `part` from its `position`."""
@@ -333,6 +380,35 @@ class DiskLane:
                 await asyncio.wait([running])
                 raise
 
+    async def read_socket(self, part: Part, body: SocketSource) -> int:
+        """Read what `body`'s socket has for `part` into the file, in the worker thread, in turn
+        with the queued batches: how many bytes (0: none came within `SOCKET_WAIT`). Raises the
+        transfer's error, or the lane's."""
+        while self._running is not None or self._queued:
+            if self._running is None:
+                self._submit()
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+        if self._stopped:
+            raise asyncio.CancelledError()
+        step = _SocketStep(part, body, min(part.end - part.position, body.remaining))
+        running = asyncio.get_running_loop().run_in_executor(None, self._read_step, step)
+        self._running = running
+        running.add_done_callback(lambda done: self._written(done, []))
+        try:
+            await asyncio.wait([running])
+        except asyncio.CancelledError:
+            # The step reads the body's socket, which its stream closes once this returns.
+            await asyncio.wait([running])
+            raise
+        if self.error is not None:
+            raise self.error
+        part.position += step.count
+        if step.error is not None:
+            raise step.error
+        return step.count
+
     def _submit(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -373,7 +449,45 @@ class DiskLane:
                     for chunk in piece:
                         self.hasher.update(chunk)
                     self.hashed = offset
-        # Later parts that the prefix has reached, `HASH_SLICE` per batch so that writes go on.
+        self._hash_frontier()
+        return self.hashed
+
+    def _read_step(self, step: _SocketStep) -> int:
+        """In the worker thread: read the socket into one reused buffer, write and hash it as
+        `_write_batch` does, until `step.limit` bytes, `SOCKET_STEP` bytes or `SOCKET_SECONDS`
+        (readers are told of bytes between steps), or until nothing came for `SOCKET_WAIT`."""
+        if self._socket_buffer is None:
+            self._socket_buffer = memoryview(bytearray(SOCKET_BUFFER))
+        buffer, part, body = self._socket_buffer, step.part, step.body
+        offset = part.on_disk
+        extends = offset == self.hashed
+        end = offset + min(step.limit, SOCKET_STEP)
+        deadline = time.monotonic() + SOCKET_SECONDS
+        while offset < end:
+            try:
+                count = body.read_into(buffer[: end - offset])
+            except RegistryError as exc:
+                step.error = exc
+                break
+            if not count:
+                if time.monotonic() >= deadline or not body.wait(SOCKET_WAIT):
+                    break
+                continue
+            written = 0
+            while written < count:
+                written += os.pwrite(self.fd, buffer[written:count], offset + written)
+            offset += count
+            part.on_disk = offset
+            step.count += count
+            if extends:
+                self.hasher.update(buffer[:count])
+                self.hashed = offset
+        self._hash_frontier()
+        return self.hashed
+
+    def _hash_frontier(self) -> None:
+        """Hash later parts that the prefix has reached, `HASH_SLICE` per batch so that writes
+        go on."""
         if (frontier := self._frontier()) > self.hashed:
             if self._read_back is None:
                 self._read_back = memoryview(bytearray(SLICE))
@@ -385,7 +499,6 @@ class DiskLane:
                     raise OSError(f"the temporary file ends at {self.hashed}")
                 self.hasher.update(view[:count])
                 self.hashed += count
-        return self.hashed
 
     def _frontier(self) -> int:
         """Where the bytes on disk stop being contiguous from the start of the blob."""
@@ -394,6 +507,15 @@ class DiskLane:
             if part.start <= hashed < part.end:
                 return part.on_disk
         return hashed
+
+
+@dataclass(slots=True)
+class _SocketStep:
+    part: Part
+    body: SocketSource
+    limit: int
+    count: int = 0  # read and written
+    error: RegistryError | None = None  # the transfer broke
 
 
 def _slices(chunks: list[bytes]) -> Iterator[list[bytes]]:

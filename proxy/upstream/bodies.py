@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy
 from proxy.errors import RegistryError, UpstreamTimeout, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.oci import Digest, Reference
+from proxy.upstream.socket_body import SocketBody
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,15 @@ class BlobStream:
         metrics: Metrics | None = None,
         slots: list[asyncio.Semaphore] | None = None,
         label: str | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         self._upstream = upstream
         self._response = response
         self._slots = slots or []
         self._fetched = metrics.upstream_bytes.labels(label or upstream) if metrics else None
+        self._read_timeout = read_timeout
+        self._socket_body: SocketBody | None = None
+        self._socket_asked = False
         self.offset = offset
         self.size = _total_size(response, offset)
         # What tells one body from another of the same URL, compared when a download resumes
@@ -60,6 +65,16 @@ class BlobStream:
         self.accepts_ranges = response.status == HTTPStatus.PARTIAL_CONTENT or (
             response.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
         )
+
+    def socket_body(self) -> SocketBody | None:
+        """The body as its socket's bytes, when it may be read that way
+        (`proxy.upstream.socket_body`); then, never `chunks`. Before anything of it was read."""
+        if not self._socket_asked:
+            self._socket_asked = True
+            self._socket_body = SocketBody.take(
+                self._upstream, self._response, self._read_timeout, self._fetched
+            )
+        return self._socket_body
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -79,6 +94,8 @@ class BlobStream:
 
     def close(self) -> None:
         self._response.close()
+        if self._socket_body is not None:
+            self._socket_body.close()
         slots, self._slots = self._slots, []
         for held in slots:
             held.release()

@@ -102,7 +102,9 @@ class Upstream(Transport):
             for slots in held:
                 slots.release()
             raise
-        stream = BlobStream(self.name, response, offset, self.metrics, held, self.label)
+        stream = BlobStream(
+            self.name, response, offset, self.metrics, held, self.label, self._timeout.sock_read
+        )
         if (limit := self.max_blob_size) is not None and (stream.size or 0) > limit:
             stream.close()
             raise UpstreamRefused(

@@ -33,6 +33,8 @@ MiB = 1024 * 1024
 # Small enough for the tests, and the settings that split a 4 MiB blob into four parts.
 PARALLEL = {"parallel_download_threshold": MiB, "parallel_download_parts": 4}
 FAST = {"resume_backoff": 0.01}
+# Each case twice: bodies read through aiohttp's parser, and from the socket.
+pytestmark = pytest.mark.usefixtures("body_reading")
 
 
 def blob_url(digest: str) -> str:

@@ -29,6 +29,9 @@ from proxy.config import Secret, UpstreamSettings
 from proxy.oci import Digest
 from proxy.server import keys as state
 
+# Blob cases twice: bodies read through aiohttp's parser, and from the socket.
+BOTH_BODY_READINGS = pytest.mark.usefixtures("body_reading")
+
 
 def blob_url(digest: str) -> str:
     return f"/v2/{REPOSITORY}/blobs/{digest}"
@@ -60,6 +63,7 @@ def with_credentials(upstream: FakeUpstreamServer) -> tuple[UpstreamSettings, ..
 # --------------------------------------------------------------------------- slow upstreams
 
 
+@BOTH_BODY_READINGS
 async def test_a_slow_upstream_that_keeps_sending_completes_and_is_cached(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -82,6 +86,7 @@ async def test_a_slow_upstream_that_keeps_sending_completes_and_is_cached(
     assert hit.body == data
 
 
+@BOTH_BODY_READINGS
 async def test_an_upstream_stalling_past_the_read_timeout_is_resumed_where_it_stalled(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -103,6 +108,7 @@ async def test_an_upstream_stalling_past_the_read_timeout_is_resumed_where_it_st
     assert assert_cache_sound(cache_dir(client)).blobs == {digest: len(data)}
 
 
+@BOTH_BODY_READINGS
 async def test_an_upstream_slower_than_the_read_timeout_breaks_the_transfer_without_resumes(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
