@@ -93,6 +93,8 @@ class SocketBody:
         sock = socket.socket(fileno=os.dup(raw.fileno()))
         sock.setblocking(False)  # as the transport's: it sets the shared file's flags
         received = sum(map(len, buffered))
+        log.debug("upstream %s: reading %d bytes of %s from the socket",
+                  upstream, length - received, response.url.path)  # fmt: skip
         if fetched is not None:
             fetched.inc(received)
         return cls(upstream, sock, buffered, length - received, read_timeout, fetched)

@@ -63,7 +63,9 @@ def _busybox_layer() -> tuple[bytes, bytes]:
 def build_runnable_image(fmt: Format = "docker", *, architecture: str = "amd64") -> Image:
     """An image whose default command prints :data:`GREETING` (see the module docstring)."""
     layer_type = OCI_LAYER_GZIP if fmt == "oci" else DOCKER_LAYER_GZIP
-    parts = [_busybox_layer(), make_layer(32 * 1024)]
+    # A layer of a few MiB: the mirror reads a body that large from the upstream's socket
+    # (proxy.upstream.socket_body), so every client in the matrix gets one read that way.
+    parts = [_busybox_layer(), make_layer(4 * 1024 * 1024)]
     layers = tuple(Blob.of(layer_type, compressed) for compressed, _ in parts)
     config_document = {
         "architecture": architecture,
