@@ -396,15 +396,19 @@ class DiskLane:
         running = asyncio.get_running_loop().run_in_executor(None, self._read_step, step)
         self._running = running
         running.add_done_callback(lambda done: self._written(done, []))
-        try:
-            await asyncio.wait([running])
-        except asyncio.CancelledError:
-            # The step reads the body's socket, which its stream closes once this returns.
-            await asyncio.wait([running])
-            raise
+        # The step reads the body's socket, which its stream closes once this returns: even when
+        # cancelled, wait for the step (a few milliseconds).
+        cancelled = False
+        while not running.done():
+            try:
+                await asyncio.wait([running])
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError()
+        part.position += step.count
         if self.error is not None:
             raise self.error
-        part.position += step.count
         if step.error is not None:
             raise step.error
         return step.count

@@ -154,6 +154,27 @@ async def test_a_connection_that_never_gets_further_fails_after_the_bounded_atte
     assert_cache_sound(cache_dir(client))
 
 
+async def test_a_download_past_its_time_limit_breaks_its_readers_and_caches_nothing(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
+) -> None:
+    registry = fake_upstream.registry
+    data = os.urandom(4 * MiB)
+    digest = registry.add_blob(data)
+    gate = registry.gate[digest] = Gate(after_bytes=2 * MiB)  # then nothing, for ever
+    client = await mirror(download_timeout=0.5)  # far less than the read timeout
+
+    outcome = await fetch(client, blob_url(digest))
+    assert_exact_or_broken(outcome, data)
+    assert outcome.broken
+    await settle(client)
+    assert Digest.parse(digest) not in client.app[state.STORE]
+    assert_cache_sound(cache_dir(client))
+
+    gate.release.set()
+    assert (await fetch(client, blob_url(digest))).body == data
+    await cached(client, digest, data)
+
+
 # ------------------------------------------------------------------------ parallel parts
 
 
