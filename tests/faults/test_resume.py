@@ -20,6 +20,7 @@ from harness.mirror import Mirror, StartMirror
 from faults.support import (
     REPOSITORY,
     Client,
+    Outcome,
     assert_cache_sound,
     assert_exact_or_broken,
     audit_cache,
@@ -62,6 +63,17 @@ async def cached(client: Client, digest: str, data: bytes) -> None:
     assert assert_cache_sound(cache_dir(client)).blobs[digest] == len(data)
     hit = await fetch(client, blob_url(digest))
     assert (hit.headers["X-Cache"], hit.body) == ("HIT", data)
+
+
+async def broke_and_cached_nothing(
+    client: Client, outcome: Outcome, digest: str, data: bytes
+) -> None:
+    """The client saw its transfer break, and the blob is not in the cache."""
+    assert_exact_or_broken(outcome, data)
+    assert outcome.broken
+    await settle(client)
+    assert Digest.parse(digest) not in client.app[state.STORE]
+    assert_cache_sound(cache_dir(client))
 
 
 # ----------------------------------------------------------------- one connection, resumed
@@ -164,11 +176,7 @@ async def test_a_download_past_its_time_limit_breaks_its_readers_and_caches_noth
     client = await mirror(download_timeout=0.5)  # far less than the read timeout
 
     outcome = await fetch(client, blob_url(digest))
-    assert_exact_or_broken(outcome, data)
-    assert outcome.broken
-    await settle(client)
-    assert Digest.parse(digest) not in client.app[state.STORE]
-    assert_cache_sound(cache_dir(client))
+    await broke_and_cached_nothing(client, outcome, digest, data)
 
     gate.release.set()
     assert (await fetch(client, blob_url(digest))).body == data
@@ -243,11 +251,7 @@ async def test_a_part_that_keeps_failing_fails_the_download_and_nothing_is_cache
     client = await mirror(**PARALLEL, resume_attempts=2, resume_backoff=0.01)
 
     outcome = await fetch(client, blob_url(digest))
-    assert_exact_or_broken(outcome, data)
-    assert outcome.broken
-    await settle(client)
-    assert Digest.parse(digest) not in client.app[state.STORE]
-    assert_cache_sound(cache_dir(client))
+    await broke_and_cached_nothing(client, outcome, digest, data)
 
 
 async def test_a_digest_mismatch_found_only_once_the_parts_are_joined_serves_no_whole_body(
