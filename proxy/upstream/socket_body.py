@@ -110,8 +110,8 @@ class SocketBody:
             log.warning("upstream %s: blob transfer broke: %s", self._upstream, exc)
             raise UpstreamUnavailable(self._upstream, "blob transfer broke") from exc
         if not count:
-            log.warning("upstream %s: blob transfer broke: closed %d bytes early",
-                        self._upstream, self.remaining)  # fmt: skip
+            log.warning("upstream %s: blob transfer broke: the connection closed %d bytes "
+                        "before the end", self._upstream, self.remaining)  # fmt: skip
             raise UpstreamUnavailable(self._upstream, "blob transfer broke")
         self.remaining -= count
         if self._fetched is not None:
