@@ -467,14 +467,14 @@ class DiskLane:
         extends = offset == self.hashed
         end = offset + min(step.limit, SOCKET_STEP)
         deadline = time.monotonic() + SOCKET_SECONDS
-        while offset < end:
+        while offset < end and time.monotonic() < deadline:
             try:
                 count = body.read_into(buffer[: end - offset])
             except RegistryError as exc:
                 step.error = exc
                 break
             if not count:
-                if time.monotonic() >= deadline or not body.wait(SOCKET_WAIT):
+                if not body.wait(SOCKET_WAIT):
                     break
                 continue
             written = 0
