@@ -49,7 +49,7 @@ IOV_MAX: Final = 1024
 # `SOCKET_WAIT` for more before it hands back.
 SOCKET_BUFFER: Final = MiB
 SOCKET_STEP: Final = 4 * MiB
-SOCKET_SECONDS: Final = 0.01
+SOCKET_SECONDS: Final = 0.025
 SOCKET_WAIT: Final = 0.001
 # A batch is written and hashed this much at a time, so that the hash reads bytes the write has
 # just brought into the CPU's cache; later parts are read back into a buffer of this size.
