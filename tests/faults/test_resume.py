@@ -34,8 +34,9 @@ MiB = 1024 * 1024
 # Small enough for the tests, and the settings that split a 4 MiB blob into four parts.
 PARALLEL = {"parallel_download_threshold": MiB, "parallel_download_parts": 4}
 FAST = {"resume_backoff": 0.01}
-# Each case twice: bodies read through aiohttp's parser, and from the socket.
-pytestmark = pytest.mark.usefixtures("body_reading")
+# Each case of an in-process mirror twice: bodies read through aiohttp's parser, and from the
+# socket.
+BOTH_BODY_READINGS = pytest.mark.usefixtures("body_reading")
 
 
 def blob_url(digest: str) -> str:
@@ -79,6 +80,7 @@ async def broke_and_cached_nothing(
 # ----------------------------------------------------------------- one connection, resumed
 
 
+@BOTH_BODY_READINGS
 @pytest.mark.parametrize("where", ["start", "middle", "one-before-the-end"])
 async def test_a_reset_connection_is_resumed_where_it_broke_and_readers_see_only_a_pause(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, where: str
@@ -104,6 +106,7 @@ async def test_a_reset_connection_is_resumed_where_it_broke_and_readers_see_only
     await cached(client, digest, data)
 
 
+@BOTH_BODY_READINGS
 async def test_a_resumed_download_goes_through_the_registry_again_for_a_fresh_cdn_url(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -121,6 +124,7 @@ async def test_a_resumed_download_goes_through_the_registry_again_for_a_fresh_cd
     await cached(client, digest, data)
 
 
+@BOTH_BODY_READINGS
 @pytest.mark.parametrize("answer", ["200", "another-size", "another-etag"])
 async def test_a_resume_answered_with_another_body_starts_over_and_is_never_spliced(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image, answer: str
@@ -149,6 +153,7 @@ async def test_a_resume_answered_with_another_body_starts_over_and_is_never_spli
     await cached(client, digest, data)
 
 
+@BOTH_BODY_READINGS
 async def test_a_connection_that_never_gets_further_fails_after_the_bounded_attempts(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -166,6 +171,7 @@ async def test_a_connection_that_never_gets_further_fails_after_the_bounded_atte
     assert_cache_sound(cache_dir(client))
 
 
+@BOTH_BODY_READINGS
 async def test_a_download_past_its_time_limit_breaks_its_readers_and_caches_nothing(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -186,6 +192,7 @@ async def test_a_download_past_its_time_limit_breaks_its_readers_and_caches_noth
 # ------------------------------------------------------------------------ parallel parts
 
 
+@BOTH_BODY_READINGS
 async def test_a_large_blob_is_fetched_in_ranged_parts_and_served_in_order(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -201,6 +208,7 @@ async def test_a_large_blob_is_fetched_in_ranged_parts_and_served_in_order(
     await cached(client, digest, data)
 
 
+@BOTH_BODY_READINGS
 async def test_a_small_blob_and_a_blob_of_an_upstream_ignoring_ranges_keep_one_connection(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -221,6 +229,7 @@ async def test_a_small_blob_and_a_blob_of_an_upstream_ignoring_ranges_keep_one_c
     assert ranges_asked(fake_upstream, large_digest)[-1] is None
 
 
+@BOTH_BODY_READINGS
 async def test_a_part_that_breaks_is_resumed_while_the_others_complete(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -242,6 +251,7 @@ async def test_a_part_that_breaks_is_resumed_while_the_others_complete(
     await cached(client, digest, data)
 
 
+@BOTH_BODY_READINGS
 async def test_a_part_that_keeps_failing_fails_the_download_and_nothing_is_cached(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -254,6 +264,7 @@ async def test_a_part_that_keeps_failing_fails_the_download_and_nothing_is_cache
     await broke_and_cached_nothing(client, outcome, digest, data)
 
 
+@BOTH_BODY_READINGS
 async def test_a_digest_mismatch_found_only_once_the_parts_are_joined_serves_no_whole_body(
     mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
 ) -> None:
@@ -273,6 +284,7 @@ async def test_a_digest_mismatch_found_only_once_the_parts_are_joined_serves_no_
     assert_cache_sound(cache_dir(client))
 
 
+@BOTH_BODY_READINGS
 async def test_parts_count_against_the_download_slots_and_never_exceed_them(
     mirror: StartMirror,
     fake_upstream: FakeUpstreamServer,
