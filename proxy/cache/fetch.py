@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -265,7 +265,6 @@ class BodyFetch:
         for chunk in body.buffered:
             if await self._queue(part, chunk):
                 return
-        await self.lane.drain()  # the socket's bytes go after these
         while part.position < part.end:
             if not body.remaining:
                 raise ShortBody()
@@ -291,6 +290,7 @@ class BodyFetch:
 
 # Chunks to write: per part, from an offset.
 Batch = list[tuple["Part", int, list[bytes]]]
+Bytes = bytes | memoryview
 
 
 class DiskLane:
@@ -381,17 +381,15 @@ class DiskLane:
                 raise
 
     async def read_socket(self, part: Part, body: SocketSource) -> int:
-        """Read what `body`'s socket has for `part` into the file, in the worker thread, in turn
-        with the queued batches: how many bytes (0: none came within `SOCKET_WAIT`). Raises the
-        transfer's error, or the lane's."""
+        """Read what `body`'s socket has for `part` into the file, in the worker thread, once
+        the queued batches are written (the part's own bytes before the socket's): how many
+        bytes (0: none came within `SOCKET_WAIT`). Raises the transfer's error, or the lane's."""
         while self._running is not None or self._queued:
             if self._running is None:
                 self._submit()
             await self._progress.wait()
         if self.error is not None:
             raise self.error
-        if self._stopped:
-            raise asyncio.CancelledError()
         step = _SocketStep(part, body, min(part.end - part.position, body.remaining))
         running = asyncio.get_running_loop().run_in_executor(None, self._read_step, step)
         self._running = running
@@ -445,16 +443,22 @@ class DiskLane:
         for part, offset, chunks in batch:
             extends = offset == self.hashed
             for piece in _slices(chunks):
-                # Kept in step slice by slice: when a write fails (ENOSPC), a reader carries on
-                # from upstream at `hashed` with the hash state of exactly those bytes.
-                offset += _pwritev(self.fd, piece, offset)
-                part.on_disk = offset
-                if extends:
-                    for chunk in piece:
-                        self.hasher.update(chunk)
-                    self.hashed = offset
+                offset = self._put(part, piece, offset, extends=extends)
         self._hash_frontier()
         return self.hashed
+
+    def _put(self, part: Part, piece: Sequence[Bytes], offset: int, *, extends: bool) -> int:
+        """In the worker thread: write `piece` at `offset`, then hash it when it `extends` the
+        prefix; where `part` now ends on disk. Kept in step piece by piece: when a write fails
+        (ENOSPC), a reader carries on from upstream at `hashed` with the hash state of exactly
+        those bytes."""
+        offset += _pwritev(self.fd, piece, offset)
+        part.on_disk = offset
+        if extends:
+            for chunk in piece:
+                self.hasher.update(chunk)
+            self.hashed = offset
+        return offset
 
     def _read_step(self, step: _SocketStep) -> int:
         """In the worker thread: read the socket into one reused buffer, write and hash it as
@@ -477,15 +481,8 @@ class DiskLane:
                 if not body.wait(SOCKET_WAIT):
                     break
                 continue
-            written = 0
-            while written < count:
-                written += os.pwrite(self.fd, buffer[written:count], offset + written)
-            offset += count
-            part.on_disk = offset
+            offset = self._put(part, [buffer[:count]], offset, extends=extends)
             step.count += count
-            if extends:
-                self.hasher.update(buffer[:count])
-                self.hashed = offset
         self._hash_frontier()
         return self.hashed
 
@@ -536,7 +533,7 @@ def _slices(chunks: list[bytes]) -> Iterator[list[bytes]]:
         yield run
 
 
-def _pwritev(fd: int, chunks: list[bytes], offset: int) -> int:
+def _pwritev(fd: int, chunks: Sequence[Bytes], offset: int) -> int:
     """Write all of `chunks` at `offset`; the count written."""
     total = 0
     views = [memoryview(chunk) for chunk in chunks]

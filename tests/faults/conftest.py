@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 from fakeupstream import FakeUpstreamServer, Image
 
 from faults.support import REPOSITORY
 from proxy.upstream import socket_body
-from proxy.upstream.socket_body import SocketBody
 
 
 @pytest.fixture
@@ -20,22 +18,9 @@ def image(fake_upstream: FakeUpstreamServer) -> Image:
 
 
 @pytest.fixture(params=["parser", "socket"])
-def body_reading(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> list[SocketBody]:
+def body_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """How the mirror reads the upstream's blob bodies: every one through aiohttp's parser, or
     every one not complete with its headers from the socket (`proxy.upstream.socket_body`; by
-    default, those with a MiB or more to come). The bodies read from the socket are listed."""
-    taken: list[SocketBody] = []
+    default, those with a MiB or more to come)."""
     limit = 0 if request.param == "socket" else 1 << 62
     monkeypatch.setattr(socket_body, "MIN_SOCKET_BODY", limit)
-    take = SocketBody.take.__func__  # type: ignore[attr-defined]
-
-    def recorded(cls: type[SocketBody], *args: Any) -> SocketBody | None:
-        body: SocketBody | None = take(cls, *args)
-        if body is not None:
-            taken.append(body)
-        return body
-
-    monkeypatch.setattr(SocketBody, "take", classmethod(recorded))
-    return taken
