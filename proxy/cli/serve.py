@@ -12,7 +12,7 @@ from typing import Any, Final
 from proxy.app import create_app
 from proxy.config import DOCKER_HUB_URL, ENV_PREFIX, Settings
 from proxy.ops.logging import configure_logging
-from proxy.server import runner
+from proxy.server import listener, runner
 from proxy.server.tls import CertificateReloader
 from proxy.workers.sharding import relay_socket
 from proxy.workers.supervisor import SINGLE, Worker, supervise
@@ -109,7 +109,7 @@ def run(settings: Settings) -> int:
                 settings.workers,
                 settings.cache_dir / "run",
                 (settings.listen_host, settings.listen_port),
-                lambda worker, sock: run_worker(settings, worker, sock),
+                lambda worker, sockets: run_worker(settings, worker, sockets),
             )
         return run_worker(settings, SINGLE, None)
     except OSError as exc:
@@ -118,21 +118,22 @@ def run(settings: Settings) -> int:
         return 1
 
 
-def run_worker(settings: Settings, worker: Worker, sock: socket.socket | None) -> int:
-    """One serving process: the only one, or worker `worker.index` on a shared socket."""
+def run_worker(settings: Settings, worker: Worker, sockets: list[socket.socket] | None) -> int:
+    """One serving process: the only one, or worker `worker.index` on shared sockets."""
     app = create_app(settings, worker=worker)
     ssl_context = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         reloader = CertificateReloader(settings.tls_cert, settings.tls_key)
         app.cleanup_ctx.append(reloader.lifecycle)
         ssl_context = reloader.context
-    where: dict[str, Any] = {"host": settings.listen_host, "port": settings.listen_port}
-    if sock is not None:
-        # The supervisor's socket, plus this worker's own Unix socket for relays from others.
-        where = {"sockets": [sock, relay_socket(worker.socket_path(worker.index))]}
+    if sockets is None:
+        sockets = listener.bind(settings.listen_host, settings.listen_port)
+    else:
+        # The supervisor's sockets, plus this worker's own Unix socket for relays from others.
+        sockets = [*sockets, relay_socket(worker.socket_path(worker.index))]
     runner.serve(
         app,
-        **where,
+        sockets,
         ssl_context=ssl_context,
         shutdown_timeout=30,
         # Passed through to aiohttp's request handler (its HTTP parser limits).

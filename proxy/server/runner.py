@@ -36,6 +36,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.errors import ErrorCode, RegistryError
 from proxy.server import keys
+from proxy.server.listener import AcceptingSite
 from proxy.server.repeats import Repeats
 
 log = logging.getLogger("registry_proxy.http")
@@ -220,28 +221,23 @@ class MirrorRunner(web.AppRunner):
 
 def serve(
     app: web.Application,
+    sockets: Sequence[socket.socket],
     *,
-    host: str | None = None,
-    port: int | None = None,
-    sockets: Sequence[socket.socket] = (),
     ssl_context: SSLContext | None = None,
     shutdown_timeout: float = 30.0,
     **handler_args: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then stop gracefully, as `web.run_app` does.
 
-    On `host`/`port`, or on already bound `sockets` (a worker: the supervisor's listening socket
-    and its own Unix socket for relays). `handler_args` go to aiohttp's request handler (its
-    parser limits).
+    On listening `sockets` (`listener.bind`'s; for a worker, the supervisor's and its own Unix
+    socket for relays). `handler_args` go to aiohttp's request handler (its parser limits).
     """
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(app, host, port, sockets, ssl_context, shutdown_timeout, handler_args))
+        runner.run(_serve(app, sockets, ssl_context, shutdown_timeout, handler_args))
 
 
 async def _serve(
     app: web.Application,
-    host: str | None,
-    port: int | None,
     sockets: Sequence[socket.socket],
     ssl_context: SSLContext | None,
     shutdown_timeout: float,
@@ -257,13 +253,8 @@ async def _serve(
     )
     await runner.setup()
     try:
-        sites: list[web.BaseSite] = [
-            web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets
-        ]
-        if not sites:
-            sites.append(web.TCPSite(runner, host, port, ssl_context=ssl_context))
-        for site in sites:
-            await site.start()
+        for sock in sockets:
+            await AcceptingSite(runner, sock, ssl_context=ssl_context).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from proxy.ops.logging import share_log
+from proxy.server import listener
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ def supervise(
     count: int,
     run_dir: Path,
     listen: tuple[str, int],
-    run_worker: Callable[[Worker, socket.socket], int],
+    run_worker: Callable[[Worker, list[socket.socket]], int],
 ) -> int:
-    """Fork `count` workers on one listening socket and keep them running until signalled."""
-    sock = socket.create_server(listen, backlog=4096, reuse_port=False)
+    """Fork `count` workers on the same listening sockets and keep them running until
+    signalled."""
+    sockets = listener.bind(*listen)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(RUN_DIR_MODE, parents=True, exist_ok=True)
     run_dir.mkdir(RUN_DIR_MODE)
@@ -77,7 +79,7 @@ def supervise(
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 _die_with_parent()
-                code = run_worker(Worker(index, count, run_dir), sock)
+                code = run_worker(Worker(index, count, run_dir), sockets)
             finally:
                 logging.shutdown()  # the log writer thread writes out what it holds
                 sys.stdout.flush()
@@ -111,7 +113,8 @@ def supervise(
         if time.monotonic() - started[index] < MIN_RESTART_INTERVAL:
             time.sleep(MIN_RESTART_INTERVAL)  # a crash loop must not spin the CPU
         start(index)
-    sock.close()
+    for sock in sockets:
+        sock.close()
     return 0
 
 

@@ -28,7 +28,7 @@ from proxy.cache.provenance import Provenance
 from proxy.errors import SiblingUnreachable
 from proxy.oci import Digest
 from proxy.workers.following import identity, open_followed
-from proxy.workers.sharding import OwnerRelay
+from proxy.workers.sharding import HASHED_HERE, OwnerRelay
 from proxy.workers.siblings import Siblings
 from proxy.workers.supervisor import Worker
 
@@ -249,6 +249,38 @@ async def test_a_crashed_worker_is_restarted_and_the_mirror_keeps_serving(
                 assert await response.read() == data
 
 
+async def test_workers_serve_on_an_ipv6_address(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    data = os.urandom(10_000)
+    fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
+    digest = fake_upstream.registry.add_blob(data)
+    port = free_port()
+    command = serve_command(port, tmp_path / "cache", "--upstream", fake_upstream.url)
+    command[command.index("--listen") + 1] = f"[::1]:{port}"
+    with (tmp_path / "mirror.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *command, "--workers", str(WORKERS), stdout=log, stderr=log
+        )
+    try:
+        async with aiohttp.ClientSession() as client:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with client.get(f"http://[::1]:{port}/v2/") as answer:
+                        assert answer.status == 200
+                        break
+                except aiohttp.ClientConnectorError:
+                    assert proc.returncode is None, (tmp_path / "mirror.log").read_text()
+                    assert time.monotonic() < deadline, "the mirror did not listen on [::1]"
+                    await asyncio.sleep(0.05)  # another process, no event to await
+            async with client.get(f"http://[::1]:{port}/v2/team/app/blobs/{digest}") as answer:
+                assert await answer.read() == data
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 async def test_no_worker_outlives_its_supervisor(
     fake_upstream: FakeUpstreamServer, tmp_path: Path, signum: int
@@ -265,10 +297,16 @@ async def test_no_worker_outlives_its_supervisor(
     await asyncio.to_thread(mirror.stop)
 
 
+@pytest.mark.parametrize(
+    "size",
+    [300_000, 1_500_000],
+    ids=["small: hashed by the worker serving it", "large: vouched for by its owner"],
+)
 async def test_a_blob_corrupted_while_stopped_is_never_served_by_any_worker(
-    fake_upstream: FakeUpstreamServer, tmp_path: Path
+    fake_upstream: FakeUpstreamServer, tmp_path: Path, size: int
 ) -> None:
-    data = os.urandom(300_000)
+    assert (size <= HASHED_HERE) == (size == 300_000)
+    data = os.urandom(size)
     fake_upstream.registry.add_image("team/app", "1.0", [b"x"])
     digest = fake_upstream.registry.add_blob(data)
     mirror = Mirror(tmp_path, fake_upstream.url, "--workers", str(WORKERS))
@@ -277,7 +315,7 @@ async def test_a_blob_corrupted_while_stopped_is_never_served_by_any_worker(
         assert await response.read() == data
     final = mirror.cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
     damaged = bytearray(final.read_bytes())
-    damaged[123_456] ^= 0x04
+    damaged[size // 2] ^= 0x04
     final.write_bytes(bytes(damaged))
 
     async with started(mirror):
