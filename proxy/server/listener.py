@@ -5,8 +5,8 @@ pull request 3696), and aiohttp's sites listen again with a backlog of 128. A tu
 mirror takes milliseconds, so a herd of pulls opening a hundred connections at once waited in
 the kernel's queue, some of them for over a second, while the requests already accepted were
 served; the ones beyond the backlog waited for the client's SYN retransmission. `AcceptingSite`
-accepts in a loop, as asyncio's own loop does, a bounded number per wake-up (the workers on one
-shared socket each take their share), on a socket `bind` left listening with a deep backlog.
+accepts in a loop, as asyncio's own loop does, a bounded number per wake-up, on a socket `bind`
+left listening with a deep backlog.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 
 # The kernel's queue of connections not yet accepted (it caps this at net.core.somaxconn).
 BACKLOG: Final = 4096
-# Connections accepted per wake-up: a herd's worth, and with several workers on one socket each
-# takes a share rather than one taking them all.
+# Connections accepted per wake-up, at most: a herd's worth.
 ACCEPTS_PER_WAKE: Final = 32
 # Out of descriptors or memory: stop accepting for a while rather than spin (as asyncio does).
 ACCEPT_RETRY_SECONDS: Final = 1.0
@@ -36,6 +35,21 @@ _RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 def bind(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
     """Listening sockets on every address `host` resolves to (IPv6 ones IPv6 only), as aiohttp's
     TCP site binds them."""
+    return _bound(host, port, backlog, reuse_port=False)
+
+
+def bind_shared(
+    host: str, port: int, count: int, backlog: int = BACKLOG
+) -> list[list[socket.socket]]:
+    """`count` sets of `bind`'s sockets on one port (SO_REUSEPORT: the kernel spreads the
+    connections over the sets), or the error `bind` gives when anything else holds the port:
+    another process's socket with SO_REUSEPORT too would otherwise join them."""
+    for sock in _bound(host, port, None, reuse_port=False):
+        sock.close()
+    return [_bound(host, port, backlog, reuse_port=True) for _ in range(count)]
+
+
+def _bound(host: str, port: int, backlog: int | None, *, reuse_port: bool) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -43,10 +57,13 @@ def bind(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(backlog)
+            if backlog is not None:
+                sock.listen(backlog)
     except OSError:
         for sock in sockets:
             sock.close()

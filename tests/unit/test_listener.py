@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import socket
 from collections.abc import Callable
 
 import pytest
 import uvloop
 from aiohttp import web
+from harness.ports import free_port
 
 from proxy.server import listener
 from proxy.server.listener import AcceptingSite
@@ -98,3 +101,37 @@ async def test_a_closed_site_stops_accepting_and_closes_its_socket() -> None:
     assert sock.fileno() == -1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address).close()
+
+
+def test_shared_sets_of_sockets_each_get_a_share_of_the_connections() -> None:
+    sets = listener.bind_shared("127.0.0.1", free_port(), 2)
+    try:
+        [first], [second] = sets
+        assert first.getsockname() == second.getsockname()
+        clients = [socket.create_connection(first.getsockname()) for _ in range(64)]
+        # The kernel queued each connection on one socket by its address hash: each of the
+        # two takes some (all 64 on one happens once in 2**63).
+        counts = []
+        for sock in (first, second):
+            sock.setblocking(False)
+            taken = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sock.accept()[0].close()
+                    taken += 1
+            counts.append(taken)
+        assert sum(counts) == 64
+        assert min(counts) > 0
+        for client in clients:
+            client.close()
+    finally:
+        for sock in itertools.chain.from_iterable(sets):
+            sock.close()
+
+
+def test_a_port_another_socket_shares_is_refused_to_shared_sets() -> None:
+    """Two mirrors started on one port by mistake: the second must fail as it always did, not
+    join the first's SO_REUSEPORT group and take half its connections."""
+    [[held]] = listener.bind_shared("127.0.0.1", free_port(), 1)
+    with held, pytest.raises(OSError, match="in use"):
+        listener.bind_shared("127.0.0.1", held.getsockname()[1], 2)
