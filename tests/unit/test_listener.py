@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
+import logging
 import socket
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import uvloop
@@ -135,3 +138,37 @@ def test_a_port_another_socket_shares_is_refused_to_shared_sets() -> None:
     [[held]] = listener.bind_shared("127.0.0.1", free_port(), 1)
     with held, pytest.raises(OSError, match="in use"):
         listener.bind_shared("127.0.0.1", held.getsockname()[1], 2)
+
+
+class OutOfDescriptorsOnce:
+    """A listening socket whose first accept fails as when the process has no descriptor left."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+
+def test_out_of_descriptors_the_site_pauses_then_takes_the_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(listener, "ACCEPT_RETRY_SECONDS", 0)
+    failing: list[OutOfDescriptorsOnce] = []
+
+    def make_site(runner: web.AppRunner, sock: socket.socket) -> web.BaseSite:
+        failing.append(OutOfDescriptorsOnce(sock))
+        return AcceptingSite(runner, cast(socket.socket, failing[0]), ssl_context=None)
+
+    with caplog.at_level(logging.ERROR, logger=listener.__name__):
+        taken = served_after_a_burst(make_site)
+    assert failing[0].failed
+    assert "cannot accept connections" in caplog.text
+    assert taken == BURST
