@@ -67,14 +67,25 @@ async def wait_for_workers(mirror: Mirror, pid: int, expected: int = WORKERS) ->
 
 async def wait_for_admin(client: aiohttp.ClientSession, admin: str) -> None:
     """Worker 0 opens the admin listener once its cache is open, after the mirror answers."""
+    await wait_for_answer(client, f"{admin}/stats", "the admin API")
+
+
+async def wait_for_answer(
+    client: aiohttp.ClientSession,
+    url: str,
+    what: str,
+    proc: asyncio.subprocess.Process | None = None,
+) -> None:
+    """Poll `url` until it answers 200, while `proc` (serving it) runs."""
     deadline = time.monotonic() + 20
     while True:
         try:
-            async with client.get(f"{admin}/stats") as answer:
+            async with client.get(url) as answer:
                 assert answer.status == 200
                 return
         except aiohttp.ClientConnectorError:
-            assert time.monotonic() < deadline, "the admin API did not start"
+            assert proc is None or proc.returncode is None, f"{what} exited"
+            assert time.monotonic() < deadline, f"{what} did not start"
             await asyncio.sleep(0.05)  # another process, no event to await
 
 
@@ -264,16 +275,7 @@ async def test_workers_serve_on_an_ipv6_address(
         )
     try:
         async with aiohttp.ClientSession() as client:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with client.get(f"http://[::1]:{port}/v2/") as answer:
-                        assert answer.status == 200
-                        break
-                except aiohttp.ClientConnectorError:
-                    assert proc.returncode is None, (tmp_path / "mirror.log").read_text()
-                    assert time.monotonic() < deadline, "the mirror did not listen on [::1]"
-                    await asyncio.sleep(0.05)  # another process, no event to await
+            await wait_for_answer(client, f"http://[::1]:{port}/v2/", "the mirror on [::1]", proc)
             async with client.get(f"http://[::1]:{port}/v2/team/app/blobs/{digest}") as answer:
                 assert await answer.read() == data
     finally:
