@@ -119,7 +119,8 @@ def run(settings: Settings) -> int:
 
 
 def run_worker(settings: Settings, worker: Worker, sockets: list[socket.socket] | None) -> int:
-    """One serving process: the only one, or worker `worker.index` on shared sockets."""
+    """One serving process: the only one, or worker `worker.index` on its own sockets of the
+    port the workers share."""
     app = create_app(settings, worker=worker)
     ssl_context = None
     if settings.tls_cert is not None and settings.tls_key is not None:

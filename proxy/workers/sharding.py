@@ -260,7 +260,9 @@ class OwnerRelay:
     def session(self, owner: int) -> aiohttp.ClientSession:
         session = self._sessions.get(owner)
         if session is None or session.closed:
-            connector = aiohttp.UnixConnector(path=str(self.worker.socket_path(owner)))
+            # No pool limit: each client of a blob the owner downloads holds a connection for its
+            # whole transfer, so a herd past aiohttp's default 100 would wait for the first.
+            connector = aiohttp.UnixConnector(path=str(self.worker.socket_path(owner)), limit=0)
             session = aiohttp.ClientSession(
                 connector=connector,
                 connector_owner=True,

@@ -205,6 +205,37 @@ async def test_a_worker_following_another_workers_download_never_completes_a_bad
     assert series(metrics, 'registry_proxy_aborted_responses_total{cause="upstream"}') == 1
 
 
+async def test_a_herd_larger_than_a_connection_pool_gets_its_first_bytes_from_another_worker(
+    fake_upstream: FakeUpstreamServer, tmp_path: Path
+) -> None:
+    """Each client of a blob another worker downloads holds a connection to that worker for its
+    whole transfer: a herd of them must not queue behind a pool limit (aiohttp's is 100)."""
+    registry = fake_upstream.registry
+    registry.add_image("team/app", "1.0", [b"x"])
+    data = owned_by(0, 2 * 1024 * 1024)
+    digest = registry.add_blob(data)
+    gate = registry.gate[digest] = Gate(after_bytes=1024 * 1024)
+    herd = 150
+    async with through_worker_1(tmp_path, fake_upstream.url) as (mirror, _):
+        socket_path = mirror.cache_dir / "run" / "worker-1.sock"
+        unlimited = aiohttp.UnixConnector(path=str(socket_path), limit=0)
+        async with aiohttp.ClientSession(connector=unlimited) as client:
+            url = f"http://mirror/v2/team/app/blobs/{digest}"
+            try:
+                # Bounded: behind a pool limit the last 50 would wait for the first 100 to end,
+                # which needs the upstream bytes the gate holds.
+                async with asyncio.timeout(30):
+                    responses = await asyncio.gather(*(client.get(url) for _ in range(herd)))
+                    firsts = await asyncio.gather(*(got.content.readany() for got in responses))
+            finally:
+                gate.release.set()
+            assert all(got.status == 200 for got in responses)
+            assert all(firsts)
+            for got, first in zip(responses, firsts, strict=True):
+                assert first + await got.read() == data
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
 async def test_a_worker_following_a_download_that_fills_the_disk_still_sends_the_whole_blob(
     fake_upstream: FakeUpstreamServer, tmp_path: Path
 ) -> None:
