@@ -1,13 +1,12 @@
 """Several worker processes on one port over one cache directory.
 
 The parent binds a listening socket per child (SO_REUSEPORT: the kernel spreads connections
-over them evenly; on one shared socket, whichever child woke first took most of a burst, and a
-worker with 54 of 64 connections left the other idle) and forks `workers` children, each
-accepting on its own. It keeps every socket open, so connections that arrive for a child while
-it restarts wait in its socket's queue for the new one. It restarts a child that dies and
-forwards SIGTERM/SIGINT for a graceful stop. A child that
-loses its parent is sent SIGTERM by the kernel (PR_SET_PDEATHSIG), so no worker outlives a
-crashed supervisor.
+over them evenly; on one shared socket, whichever child woke first took most of a burst, up to
+61 of `wrk`'s 64) and forks `workers` children, each accepting on its own. It keeps every socket
+open, so connections that arrive for a child while it restarts wait in its socket's queue for
+the new one. It restarts a child that dies and forwards SIGTERM/SIGINT for a graceful stop. A
+child that loses its parent is sent SIGTERM by the kernel (PR_SET_PDEATHSIG), so no worker
+outlives a crashed supervisor.
 
 How the workers share the blobs is `proxy.workers.sharding`. `run/` is 0700, whatever the
 umask: it holds the workers' sockets and metrics files.
