@@ -39,13 +39,29 @@ class RawResponse:
 
 
 def send_raw(port: int, request: bytes, *, timeout: float = 10.0) -> RawResponse:
-    """Send `request` verbatim to 127.0.0.1:port and read until the server closes."""
+    """Send `request` verbatim to 127.0.0.1:port and read until the server closes.
+
+    A server that refuses a request before reading all of it (a header over the limit) closes
+    with bytes unread, and the kernel then ends the connection with a reset, not a FIN: the
+    client may be cut off while still sending, and reads the response before the reset (Linux
+    hands over what arrived first). So a reset ends the response, which must then be complete."""
+    chunks = []
+    reset = False
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return parse_response(b"".join(chunks))
+        try:
+            sock.sendall(request)
+        except (ConnectionResetError, BrokenPipeError):
+            reset = True
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            reset = True
+    response = parse_response(b"".join(chunks))
+    length = response.headers.get("Content-Length")
+    if reset and length is not None and not request.startswith(b"HEAD "):
+        assert len(response.body) == int(length), f"cut off by the reset: {response}"
+    return response
 
 
 def parse_response(raw: bytes) -> RawResponse:
