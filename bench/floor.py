@@ -4,13 +4,21 @@
 sends on a manifest hit, and nothing else: no middleware, no access log, no routing beyond one
 catch-all route. What it answers per second on a machine is what aiohttp itself allows there, so
 the bench reports our manifest hits as a fraction of it.
+
+``--processes N`` serves from N processes, each on a socket of its own bound with SO_REUSEPORT
+as the mirror's workers are: what a second process adds on this machine when the load generator
+shares its cores, the reference for ``--workers 2``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import socket
 
 from aiohttp import web
 
@@ -54,11 +62,39 @@ def create_app() -> web.Application:
     return app
 
 
+def _listening(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    return sock
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args()
-    web.run_app(create_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    # Every socket listens before any process serves, so the kernel spreads connections over all
+    # of them from the first one on.
+    sockets = [_listening(args.port) for _ in range(args.processes)]
+    children: list[int] = []
+    for sock in sockets[1:]:
+        if (pid := os.fork()) == 0:
+            for other in sockets:
+                if other is not sock:
+                    other.close()
+            web.run_app(create_app(), sock=sock, print=None, access_log=None)
+            os._exit(0)
+        children.append(pid)
+    try:
+        web.run_app(create_app(), sock=sockets[0], print=None, access_log=None)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 - ``ours-tuned``: the same with the access log off (``--log-level warning``), reported beside the
   defaults, never instead of them; ``ours-2w``: the defaults with ``--workers 2``;
 - ``floor``: a bare aiohttp app answering one fixed manifest (:mod:`bench.floor`), measured on
-  manifest hits only: the framework's own ceiling on this machine;
+  manifest hits only: the framework's own ceiling on this machine; ``floor-2w``: the same in two
+  processes, measured when ``ours-2w`` is;
 - ``distribution``: the CNCF registry in proxy mode (``proxy: remoteurl``);
 - ``nginx``: a caching reverse proxy with ``proxy_cache``, ``proxy_cache_lock`` (one upstream
   request per key, others wait for it) and ranges served from the cache; the config is
@@ -261,14 +262,14 @@ class Nginx(Peer):
 
 
 class Floor(Peer):
-    """:mod:`bench.floor` in a process of its own; ``upstream`` is not used."""
+    """:mod:`bench.floor` in processes of its own; ``upstream`` is not used."""
 
-    name = "floor"
-
-    def __init__(self, workdir: Path, upstream: str) -> None:
+    def __init__(self, name: str, workdir: Path, upstream: str, processes: int = 1) -> None:
         super().__init__(workdir, upstream)
+        self.name = name
+        self.processes = processes
         self.service = Service(workdir / "floor.log")
-        self.service.name = "floor"
+        self.service.name = name
 
     @property
     def url(self) -> str:
@@ -278,6 +279,7 @@ class Floor(Peer):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.service.port = free_port()
         command = [sys.executable, "-m", "bench.floor", "--port", str(self.service.port)]
+        command += ["--processes", str(self.processes)]
         self.service._spawn(command, cwd=Path(__file__).resolve().parents[1])
 
     def stop(self) -> None:
@@ -295,7 +297,9 @@ def make_peer(name: str, workdir: Path, upstream: str, ours_source: Path | None)
     if name == "ours-2w":
         return Ours(name, workdir / name, upstream, ours_source, workers=2)
     if name == "floor":
-        return Floor(workdir / name, upstream)
+        return Floor(name, workdir / name, upstream)
+    if name == "floor-2w":
+        return Floor(name, workdir / name, upstream, processes=2)
     classes: dict[str, type[Peer]] = {"distribution": DistributionProxy, "nginx": Nginx}
     return classes[name](workdir / name, upstream)
 

@@ -26,8 +26,10 @@ SCENARIOS = (
 # the 10-layer image, over slow WANs (minutes per mirror; Distribution's herd costs 15 x).
 DEFAULT_SCENARIOS = SCENARIOS[: SCENARIOS.index("wan") + 1]
 DIRECT = "direct"
-# The bare-aiohttp app of bench.floor: measured on manifest hits, never a peer to beat.
+# The bare-aiohttp app of bench.floor: measured on manifest hits, never a peer to beat; in two
+# processes beside ``ours-2w``.
 FLOOR = "floor"
+FLOOR_2W = "floor-2w"
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,15 @@ METRICS = (
         "manifest_hits", "digest_upstream_bytes_per_req", "by digest: upstream B/req", "lower", 1
     ),
     Metric("manifest_hits", "digest_steal_pct", "by digest: host steal, %", "none", 1),
+    Metric("manifest_hits", "digest_cpu_us", "by digest: server CPU per req, us", "lower", 1),
+    Metric("manifest_hits", "digest_client_cpu_us", "by digest: wrk CPU per req, us", "none", 1),
     Metric("manifest_hits", "tag_rps", "by tag: req/s", "higher", 0),
     Metric("manifest_hits", "tag_p50_ms", "by tag: p50, ms", "lower", 2),
     Metric("manifest_hits", "tag_p99_ms", "by tag: p99, ms", "lower", 2),
     Metric("manifest_hits", "tag_upstream_bytes_per_req", "by tag: upstream B/req", "lower", 1),
     Metric("manifest_hits", "tag_steal_pct", "by tag: host steal, %", "none", 1),
+    Metric("manifest_hits", "tag_cpu_us", "by tag: server CPU per req, us", "lower", 1),
+    Metric("manifest_hits", "tag_client_cpu_us", "by tag: wrk CPU per req, us", "none", 1),
     Metric("large_blob", "cold_s", "cold fetch of the large layer, s", "lower", 2),
     Metric("large_blob", "warm_gb_per_s", "large layer warm, 4 clients, GB/s", "higher", 2),
     Metric("large_blob", "client_cpu_cores", "curl CPU, cores (of 2)", "none", 2),
@@ -120,8 +126,34 @@ def _get(
     return table.get(scenario, {}).get(mirror, {}).get(name)
 
 
-def goals(table: dict[str, dict[str, dict[str, float]]], peers: list[str]) -> list[dict[str, Any]]:
-    """The issue's targets, each with what this run measured."""
+def _scaling_context(table: dict[str, dict[str, dict[str, float]]], cores: int) -> str:
+    """What two processes can add on this machine, for the two-worker goal: the floor's own
+    ratio, and the ceiling that one worker's CPU per request and wrk's put on it.
+
+    One worker answers r1 = 1/c requests a second (c: its CPU per request; its loop is busy).
+    Two, with wrk on the same `cores` and the same c, at most r2 = cores / (c + w) (w: wrk's CPU
+    per request), so r2 / r1 <= cores * c / (c + w): the cheaper a request, the less a second
+    worker can add where the load generator shares the cores.
+    """
+    parts: list[str] = []
+    floor_one = _get(table, "manifest_hits", FLOOR, "tag_rps")
+    floor_two = _get(table, "manifest_hits", FLOOR_2W, "tag_rps")
+    if floor_one and floor_two is not None:
+        parts.append(f"the floor: {floor_two / floor_one:.2f} x in two processes")
+    c = _get(table, "manifest_hits", "ours", "tag_cpu_us")
+    w = _get(table, "manifest_hits", "ours", "tag_client_cpu_us")
+    if c and w is not None:
+        ceiling = min(cores * c / (c + w), 2.0)
+        parts.append(
+            f"at most {ceiling:.2f} x on {cores} cores ({c:.0f} us of CPU a hit, wrk {w:.0f} us)"
+        )
+    return f"; {'; '.join(parts)}" if parts else ""
+
+
+def goals(
+    table: dict[str, dict[str, dict[str, float]]], peers: list[str], cores: int = 2
+) -> list[dict[str, Any]]:
+    """The issue's targets, each with what this run measured (`cores`: the machine's)."""
 
     found: list[dict[str, Any]] = []
 
@@ -196,7 +228,7 @@ def goals(table: dict[str, dict[str, dict[str, float]]], peers: list[str]) -> li
     if two is not None and one:
         goal(
             "--workers 2 >= 1.6 x one worker on hits (by tag)",
-            f"{two / one:.2f} x",
+            f"{two / one:.2f} x" + _scaling_context(table, cores),
             two >= 1.6 * one,
         )
     if (m := ours("memory", "herd_peak_mib")) is not None:
@@ -284,7 +316,7 @@ def build(samples: Samples, meta: dict[str, Any], peers: list[str]) -> dict[str,
             for m in METRICS
             if (ratio := ratio_to_best_peer(table, m, peers)) is not None
         },
-        "goals": goals(table, peers),
+        "goals": goals(table, peers, meta.get("machine", {}).get("nproc", 2)),
     }
 
 
@@ -300,7 +332,7 @@ def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     mirrors: list[str] = meta["mirrors"]
     peers = [m for m in mirrors if not m.startswith("ours")]
-    columns = [*mirrors, FLOOR, DIRECT]
+    columns = [*mirrors, FLOOR, *([FLOOR_2W] if "ours-2w" in mirrors else []), DIRECT]
     table = {
         scenario: {
             mirror: {k: v["median"] for k, v in metrics.items()} for mirror, metrics in rows.items()

@@ -24,7 +24,7 @@ from bench import REPO_ROOT, scenarios
 from bench.images import Sizes, push_fixtures
 from bench.peers import OURS, PEERS, Peer, interrupt_safe_stop, make_peer, snapshot_ours
 from bench.relay import Cuts, Relay
-from bench.report import DEFAULT_SCENARIOS, FLOOR, SCENARIOS, Samples, build, markdown
+from bench.report import DEFAULT_SCENARIOS, FLOOR, FLOOR_2W, SCENARIOS, Samples, build, markdown
 
 GIB = 1024**3
 
@@ -257,9 +257,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if selected & {"cold_pull", "wan", "wan_parallel", "prefetch"}:
                 scenarios.merge(samples.setdefault("direct", {}), await scenarios.direct(ctx))
             if "manifest_hits" in selected:
-                print(f"rep {rep + 1}/{args.repeat}: manifest hits on the floor", file=sys.stderr)
-                floor = await with_peer(FLOOR, workdir, lan.url, scenarios.floor_hits, ctx)
-                scenarios.merge(samples.setdefault(FLOOR, {}), floor)
+                floors = [FLOOR, FLOOR_2W] if "ours-2w" in args.mirrors else [FLOOR]
+                for name in floors:
+                    print(f"rep {rep + 1}/{args.repeat}: manifest hits on {name}", file=sys.stderr)
+                    floor = await with_peer(name, workdir, lan.url, scenarios.floor_hits, ctx)
+                    scenarios.merge(samples.setdefault(name, {}), floor)
             for label, run, upstream_url in groups:
                 for name in order:
                     print(f"rep {rep + 1}/{args.repeat}: {label} on {name}", file=sys.stderr)

@@ -307,6 +307,17 @@ async def _wrk(url: str, seconds: float) -> tuple[Metrics, int]:
     }, int(total.group(1))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds of the processes `pids` so far (0 for one that is gone)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class HostSteal:
     """The share of this machine's CPU time its host took back while a block ran (`steal` in
     /proc/stat, in per cent): a virtual machine whose host throttles it stops for whole
@@ -345,11 +356,22 @@ async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
     for kind, ref in (("digest", image.manifest_digest), ("tag", image.tag)):
         await settle_disks()
         ctx.lan.reset()
+        pids = peer.pids()
+        served_before = cpu_seconds(pids)
+        clients_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with HostSteal() as steal:
             metrics, requests = await _wrk(f"{base}/{ref}", ctx.wrk_seconds)
+        served, clients = cpu_seconds(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
         upstream = (await ctx.lan.settle()).downstream
         out.update({f"{kind}_{name}": value for name, value in metrics.items()})
         out[f"{kind}_steal_pct"] = steal.percent
+        # CPU per request, of the peer's processes and of wrk's: on a machine that wrk shares,
+        # they bound what more workers can add (bench.report).
+        requests_us = max(requests, 1) / 1e6
+        out[f"{kind}_cpu_us"] = (served - served_before) / requests_us
+        out[f"{kind}_client_cpu_us"] = (
+            clients.ru_utime - clients_before.ru_utime + clients.ru_stime - clients_before.ru_stime
+        ) / requests_us
         # Bytes the upstream sent per request served: 0 when hits never leave the mirror.
         out[f"{kind}_upstream_bytes_per_req"] = upstream / max(requests, 1)
     return out
