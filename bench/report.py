@@ -44,6 +44,9 @@ class Metric:
 METRICS = (
     Metric("cold_pull", "small_s", "small multi-arch image, s", "lower", 3),
     Metric("cold_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
+    Metric("cold_pull", "small_cpu_s", "small image: server CPU, s", "lower", 3),
+    Metric("cold_pull", "medium_cpu_s", "medium image: server CPU, s", "lower", 3),
+    Metric("cold_pull", "medium_busy_cores", "medium image: busy cores (machine)", "none", 2),
     Metric("cold_pull", "medium_upstream_ratio", "upstream bytes / image bytes", "lower", 3),
     Metric("warm_pull", "small_s", "small multi-arch image, s", "lower", 3),
     Metric("warm_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
@@ -74,6 +77,8 @@ METRICS = (
     Metric("manifest_hits", "tag_cpu_us", "by tag: server CPU per req, us", "lower", 1),
     Metric("manifest_hits", "tag_client_cpu_us", "by tag: wrk CPU per req, us", "none", 1),
     Metric("large_blob", "cold_s", "cold fetch of the large layer, s", "lower", 2),
+    Metric("large_blob", "cold_cpu_s", "cold fetch: server CPU, s", "lower", 2),
+    Metric("large_blob", "cold_busy_cores", "cold fetch: busy cores (machine)", "none", 2),
     Metric("large_blob", "warm_gb_per_s", "large layer warm, 4 clients, GB/s", "higher", 2),
     Metric("large_blob", "client_cpu_cores", "curl CPU, cores (of 2)", "none", 2),
     Metric("memory", "herd_peak_mib", "peak RSS in herd, MiB", "lower", 1),

@@ -239,7 +239,14 @@ async def pulls(peer: Peer, ctx: Context, *, first_rep: bool) -> Results:
     cold: Metrics = {}
     for image in (fixtures.small, fixtures.medium):
         lan.reset()
-        cold[f"{image.name}_s"] = await pull_seconds(peer.url, image)
+        pids = peer.pids()
+        before = cpu_seconds(pids)
+        with HostSteal() as host:
+            cold[f"{image.name}_s"] = await pull_seconds(peer.url, image)
+        # The CPU the server spent on the pull: where the direct pull keeps the cores busy, it
+        # comes out of the client's, the relay's and the upstream's share.
+        cold[f"{image.name}_cpu_s"] = cpu_seconds(pids) - before
+        cold[f"{image.name}_busy_cores"] = host.busy_cores
         cold[f"{image.name}_upstream_ratio"] = (await lan.settle()).downstream / image.pull_bytes
     out["cold_pull"] = cold
 
@@ -322,30 +329,35 @@ class HostSteal:
     """The share of this machine's CPU time its host took back while a block ran (`steal` in
     /proc/stat, in per cent): a virtual machine whose host throttles it stops for whole
     scheduling periods, so a run with steal is slower, and its tail latency longer, through no
-    fault of the mirror's."""
+    fault of the mirror's. Also how many cores were busy meanwhile (`busy_cores`): a pull that
+    keeps every core busy takes longer by whatever CPU one more process in its path spends."""
 
     def __init__(self) -> None:
         self.percent = 0.0
-        self._start = (0, 0)
+        self.busy_cores = 0.0
+        self._start = (0, 0, 0)
 
     @staticmethod
-    def _counters() -> tuple[int, int]:
+    def _counters() -> tuple[int, int, int]:
+        """Ticks stolen, ticks idle (waiting for I/O included) and all ticks, over every CPU."""
         try:
             fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
         except OSError:
-            return 0, 0
+            return 0, 0, 0
         ticks = [int(field) for field in fields]
         steal = ticks[7] if len(ticks) > 7 else 0
-        return steal, sum(ticks)
+        return steal, ticks[3] + ticks[4], sum(ticks)
 
     def __enter__(self) -> HostSteal:
         self._start = self._counters()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        steal, total = self._counters()
-        elapsed = total - self._start[1]
-        self.percent = 100 * (steal - self._start[0]) / elapsed if elapsed > 0 else 0.0
+        counted = zip(self._counters(), self._start, strict=True)
+        steal, idle, total = (now - then for now, then in counted)
+        if total > 0:
+            self.percent = 100 * steal / total
+            self.busy_cores = (os.cpu_count() or 1) * (total - idle - steal) / total
 
 
 async def manifest_hits(peer: Peer, ctx: Context) -> Metrics:
@@ -398,7 +410,11 @@ async def large_blob(peer: Peer, ctx: Context) -> tuple[Metrics, float]:
     url = f"{peer.url}/v2/{image.repo}/blobs/{digest}"
     await settle_disks()
     ctx.lan.reset()
-    got, cold_seconds = await _curl_blob(url)
+    pids = peer.pids()
+    cpu_before = cpu_seconds(pids)
+    with HostSteal() as host:
+        got, cold_seconds = await _curl_blob(url)
+    cold_cpu = cpu_seconds(pids) - cpu_before
     await ctx.lan.settle()
     if got != size:
         raise BenchError(f"cold fetch of the large blob from {peer.name}: {got} of {size} bytes")
@@ -414,6 +430,8 @@ async def large_blob(peer: Peer, ctx: Context) -> tuple[Metrics, float]:
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "cold_s": cold_seconds,
+        "cold_cpu_s": cold_cpu,
+        "cold_busy_cores": host.busy_cores,
         "warm_gb_per_s": LARGE_BLOB_CLIENTS * size / wall / 1e9,
         # Cores the 4 curl processes used together (of 2 on the reference machine).
         "client_cpu_cores": client_cpu / wall,
@@ -542,10 +560,12 @@ async def direct(ctx: Context) -> Results:
     """The baselines: pulls straight from the upstream, over the LAN relay and over the WANs."""
     out: Results = {}
     if "cold_pull" in ctx.scenarios:
-        out["cold_pull"] = {
-            f"{image.name}_s": await pull_seconds(ctx.lan.url, image)
-            for image in (ctx.fixtures.small, ctx.fixtures.medium)
-        }
+        cold: Metrics = {}
+        for image in (ctx.fixtures.small, ctx.fixtures.medium):
+            with HostSteal() as host:
+                cold[f"{image.name}_s"] = await pull_seconds(ctx.lan.url, image)
+            cold[f"{image.name}_busy_cores"] = host.busy_cores
+        out["cold_pull"] = cold
     if "wan" in ctx.scenarios:
         seconds = await pull_seconds(ctx.wan.url, ctx.fixtures.medium)
         out["wan"] = {"cold_s": seconds, "warm_s": seconds}
