@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from bench.report import FLOOR, FLOOR_2W, goals
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.report import FLOOR, FLOOR_2W, Samples, build, goals, markdown
+from bench.report import main as report_main
 
 
 def hits(
@@ -47,3 +53,39 @@ def test_the_ceiling_never_passes_two_and_is_left_out_without_cpu_figures() -> N
     assert goal["met"] is True
     table = {"manifest_hits": {"ours": hits(10_000), "ours-2w": hits(12_000)}}
     assert two_worker_goal(table, cores=2)["measured"] == "1.20 x"
+
+
+def test_the_access_log_goal_gives_the_cpu_per_hit_beside_the_throughput() -> None:
+    logged = hits(9_000, cpu_us=110, client_us=30)
+    quiet = hits(10_000, cpu_us=99, client_us=30)
+    table = {"manifest_hits": {"ours": logged, "ours-tuned": quiet}}
+    [goal] = [g for g in goals(table, []) if g["goal"].startswith("the access log")]
+    assert goal["measured"] == "10% (9000 vs 10000 req/s); CPU per hit 10% (110 vs 99 us)"
+    assert goal["met"] is True
+
+
+def test_a_saved_run_is_rendered_again_from_its_samples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples: Samples = {
+        "ours": {"manifest_hits": {"tag_rps": [9_000, 10_000, 11_000], "digest_rps": [1.0]}},
+        "ours-2w": {"manifest_hits": {"tag_rps": [14_000, 12_000, 13_000]}},
+    }
+    meta = {
+        "date": "2026-12-08 01:00 UTC",
+        "machine": {"cpu": "AMD EPYC", "nproc": 2, "kernel": "6"},
+        "quick": False,
+        "repeat": 3,
+        "mirrors": ["ours", "ours-2w"],
+        "image_bytes": {"small": 1},
+        "herd_clients": 32,
+        "wan": "50 ms RTT",
+        "ours_version": "abc",
+    }
+    result = build(samples, meta, [])
+    saved = tmp_path / "latest.json"
+    saved.write_text(json.dumps(result))
+    report_main([str(saved)])
+    printed = capsys.readouterr().out
+    assert printed == markdown(result)
+    assert "| --workers 2 >= 1.6 x one worker on hits (by tag) | 1.30 x | **no** |" in printed
