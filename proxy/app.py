@@ -129,6 +129,8 @@ def _fetch_policy(settings: Settings) -> FetchPolicy:
         resume_backoff=settings.resume_backoff,
         parallel_threshold=settings.parallel_download_threshold,
         parallel_parts=settings.parallel_download_parts,
+        split_probe=settings.parallel_download_probe,
+        split_below=settings.parallel_download_below,
     )
 
 

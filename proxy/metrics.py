@@ -118,6 +118,14 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.split_downloads = Counter(
+            f"{PREFIX}_upstream_large_downloads",
+            "Blob downloads large enough to be split over several connections, by whether they"
+            " were (several: the first connection was slower than parallel_download_below, or"
+            " parallel_download_probe is 0; one: it was not, or the blob was complete first).",
+            ["upstream", "connections"],
+            registry=r,
+        )
         self.worker_handoffs = Counter(
             f"{PREFIX}_worker_handoffs",
             "Blob requests a worker passed to the worker that owns the blob (--workers), by how"

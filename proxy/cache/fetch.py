@@ -4,9 +4,13 @@ A connection that breaks before its last byte (reset, truncation, a stall past `
 is continued from the byte it reached with `Range: bytes=<reached>-`, after a short backoff,
 the hash state kept; only `resume_attempts` attempts in a row without a new byte are made, and
 the whole download stays within `download_timeout`. A blob larger than `parallel_threshold`
-whose upstream takes Range requests is fetched as `parallel_parts` ranged requests at once,
-each written at its offset and each resumed like a whole blob. Hashing follows the contiguous
-prefix from byte 0, and readers are given that prefix only (see `proxy.cache.download`).
+whose upstream takes Range requests is fetched as `parallel_parts` ranged requests, each
+written at its offset and each resumed like a whole blob: when its first connection brings
+less than `split_below` bytes a second over its first `split_probe` seconds (an upstream that
+caps each connection), the rest is split then; a connection that is faster keeps the blob (on a
+LAN more connections only cost CPU: parts past the hashed prefix are read back to be hashed).
+Hashing follows the contiguous prefix from byte 0, and readers are given that prefix only (see
+`proxy.cache.download`).
 
 A resumed request answered with the whole body (200), another size or another validator
 (ETag, Last-Modified) is a different body: `BodyChanged` makes the download start over, and two
@@ -67,15 +71,15 @@ class FetchPolicy:
     resume_backoff: float = Settings.resume_backoff
     parallel_threshold: int = Settings.parallel_download_threshold
     parallel_parts: int = Settings.parallel_download_parts
+    split_probe: float = Settings.parallel_download_probe  # 0: split at once
+    split_below: int = Settings.parallel_download_below
 
-    def parts(self, size: int, *, ranges: bool) -> list[Part]:
-        """The byte ranges of a blob of `size` bytes: one, unless it is large and the upstream
-        takes Range requests."""
-        count = 1
+    def parts(self, size: int, *, ranges: bool) -> int:
+        """How many parts a blob of `size` bytes may be fetched in: one, unless it is large and
+        the upstream takes Range requests."""
         if ranges and size > self.parallel_threshold:
-            count = max(1, min(self.parallel_parts, size // MIN_PART))
-        bounds = [size * i // count for i in range(count + 1)]
-        return [Part(bounds[i], bounds[i + 1]) for i in range(count)]
+            return max(1, min(self.parallel_parts, size // MIN_PART))
+        return 1
 
     def backoff(self, failures: int) -> float:
         return float(min(self.resume_backoff * 2 ** (failures - 1), MAX_BACKOFF))
@@ -108,6 +112,9 @@ class RangeOrigin(Protocol):
     async def open_range(self, start: int, end: int) -> BlobSource: ...
 
     def resumed(self) -> None: ...
+
+    # A blob that may be split: how many connections it was fetched over, once decided.
+    def split(self, connections: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -158,15 +165,22 @@ class BodyFetch:
         self.origin = origin
         self.policy = policy
         self.validator = first.validator
-        self.parts = policy.parts(
+        self.count = policy.parts(
             self.size, ranges=ranges and origin is not None and first.accepts_ranges
         )
+        self.parts = [Part(0, self.size)]
+        if self.count > 1 and policy.split_probe <= 0:
+            self.parts = _split(self.parts[0], self.count)
         self._first: BlobSource | None = first
         self.lane = DiskLane(download, self.parts)
 
     async def run(self) -> None:
         """Fetch every part; on return bytes 0..size are on disk and hashed (not yet checked)."""
         tasks = [asyncio.create_task(self._fetch_part(part)) for part in self.parts]
+        if self.count > 1 and len(self.parts) == 1:
+            tasks.append(asyncio.create_task(self._split_if_slow(tasks[0])))
+        elif self.count > 1 and self.origin is not None:
+            self.origin.split(len(self.parts))
         try:
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -182,6 +196,28 @@ class BodyFetch:
             await self.lane.finish()
         finally:
             await self.lane.stop()
+
+    async def _split_if_slow(self, first: asyncio.Task[None]) -> None:
+        """After `split_probe` seconds of the first connection, split what is left over
+        `count` connections if it brought less than `split_below` bytes a second, and fetch
+        the new parts."""
+        part = self.parts[0]
+        started, reached = time.monotonic(), part.position
+        await asyncio.wait([first], timeout=self.policy.split_probe)
+        rate = (part.position - reached) / max(time.monotonic() - started, 1e-6)
+        # A socket step in flight may write up to `SOCKET_STEP` past the position the loop knows.
+        slow = not first.done() and rate < self.policy.split_below
+        parts = _split(part, self.count, SOCKET_STEP) if slow else [part]
+        assert self.origin is not None
+        self.origin.split(len(parts))
+        if len(parts) < 2:
+            return
+        log.info(
+            "splitting %s over %d connections at byte %d of %d: the first brought %.1f MB/s",
+            self.download.digest, len(parts), part.position, self.size, rate / 1e6,
+        )  # fmt: skip
+        self.parts.extend(parts[1:])  # the lane's list: its thread reads it, never changes it
+        await asyncio.gather(*(self._fetch_part(later) for later in parts[1:]))
 
     async def _fetch_part(self, part: Part) -> None:
         stream: BlobSource | None = None
@@ -508,6 +544,20 @@ class DiskLane:
             if part.start <= hashed < part.end:
                 return part.on_disk
         return hashed
+
+
+def _split(first: Part, count: int, margin: int = 0) -> list[Part]:
+    """`first` and the parts that take what it has left, `count` in all (fewer when they would
+    be smaller than `MIN_PART`): `first` now ends at the first cut, at least `margin` bytes
+    past its position."""
+    cut = min(first.position + max((first.end - first.position) // count, margin), first.end)
+    rest = first.end - cut
+    later = max(0, min(count - 1, rest // MIN_PART))
+    if not later:
+        return [first]
+    bounds = [cut + rest * i // later for i in range(later + 1)]
+    first.end = cut
+    return [first, *(Part(bounds[i], bounds[i + 1]) for i in range(later))]
 
 
 @dataclass(slots=True)

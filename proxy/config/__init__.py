@@ -125,11 +125,15 @@ class Settings:
     # A blob download whose upstream connection breaks continues where it broke (Range), after
     # `resume_backoff` (doubling), giving up after `resume_attempts` tries in a row without a
     # new byte (0: never resume). A blob over `parallel_download_threshold` bytes is fetched as
-    # `parallel_download_parts` ranged requests at once (1: one connection per blob).
+    # `parallel_download_parts` ranged requests (1: one connection per blob) when its first
+    # connection brings less than `parallel_download_below` bytes a second over its first
+    # `parallel_download_probe` seconds (0: split at once).
     resume_attempts: int = 4
     resume_backoff: float = 0.25
     parallel_download_threshold: int = 64 * 1024 * 1024
     parallel_download_parts: int = 4
+    parallel_download_probe: float = 0.5
+    parallel_download_below: int = 64 * 1024 * 1024
     tag_ttl: float = 600.0
     tag_ttls: tuple[TagTtl, ...] = DEFAULT_TAG_TTLS
     # How long a tag resolution is kept to serve stale while the upstream fails.

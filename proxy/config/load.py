@@ -66,6 +66,8 @@ PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "resume_backoff": positive_duration,
     "parallel_download_threshold": parse_size,
     "parallel_download_parts": positive_int,
+    "parallel_download_probe": parse_duration,
+    "parallel_download_below": parse_size,
     "tag_ttl": positive_duration,
     "stale_ttl": positive_duration,
     "negative_ttl": parse_duration,

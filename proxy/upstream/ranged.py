@@ -25,3 +25,10 @@ class BlobOrigin:
     def resumed(self) -> None:
         if (metrics := self.upstream.metrics) is not None:
             metrics.upstream_resumes.labels(self.upstream.label).inc()
+
+    def split(self, connections: int) -> None:
+        if (metrics := self.upstream.metrics) is not None:
+            metrics.split_downloads.labels(self.upstream.label, _CONNECTIONS[connections > 1]).inc()
+
+
+_CONNECTIONS = {False: "one", True: "several"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -31,8 +32,12 @@ from proxy.oci import Digest
 from proxy.server import keys as state
 
 MiB = 1024 * 1024
-# Small enough for the tests, and the settings that split a 4 MiB blob into four parts.
-PARALLEL = {"parallel_download_threshold": MiB, "parallel_download_parts": 4}
+# Small enough for the tests, and the settings that split a 4 MiB blob into four parts at once.
+PARALLEL = {
+    "parallel_download_threshold": MiB,
+    "parallel_download_parts": 4,
+    "parallel_download_probe": 0.0,
+}
 FAST = {"resume_backoff": 0.01}
 # Each case of an in-process mirror twice: bodies read through aiohttp's parser, and from the
 # socket.
@@ -311,6 +316,96 @@ async def test_parts_count_against_the_download_slots_and_never_exceed_them(
     await cached(client, digest, data)
 
 
+# ------------------------------------------------------------ split only when one is slow
+
+
+def large_downloads(client: Client, connections: str) -> float:
+    found = client.app[state.METRICS].registry.get_sample_value(
+        "registry_proxy_upstream_large_downloads_total",
+        {"upstream": "fake", "connections": connections},
+    )
+    return 0.0 if found is None else found
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition`, which the mirror makes true (a request it sends, a count): polled,
+    as neither the fake upstream nor the metrics have an event for it."""
+    async with asyncio.timeout(10):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+PROBED = {
+    "parallel_download_threshold": MiB,
+    "parallel_download_parts": 4,
+    "parallel_download_probe": 0.05,
+}
+
+
+@BOTH_BODY_READINGS
+async def test_a_slow_first_connection_is_split_after_the_probe(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
+) -> None:
+    data = os.urandom(8 * MiB)
+    digest = fake_upstream.registry.add_blob(data)
+    # Every response pauses after its first MiB: 1 MiB in the probe's 50 ms is 20 MiB/s.
+    gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=MiB)
+    client = await mirror(**PROBED, parallel_download_below=64 * MiB)
+
+    fetching = asyncio.create_task(fetch(client, blob_url(digest)))
+    await until(lambda: gate.hits == 4)  # the first connection, and three ranged parts
+    first, *ranges = ranges_asked(fake_upstream, digest)
+    assert first is None
+    spans = [r.removeprefix("bytes=").split("-") for r in ranges if r is not None]
+    starts = [int(start) for start, _ in spans]
+    # The first connection keeps at least 4 MiB past where it was (a socket step in flight may
+    # write that far); the other three share the rest, back to back, the last to the end.
+    assert 4 * MiB <= starts[0] <= 5 * MiB
+    assert [int(end) + 1 for _, end in spans[:-1]] == starts[1:]
+    assert spans[-1][1] == ""
+    assert large_downloads(client, "several") == 1
+    gate.release.set()
+    assert (await fetching).body == data
+    await cached(client, digest, data)
+
+
+@BOTH_BODY_READINGS
+async def test_a_fast_first_connection_keeps_the_blob(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
+) -> None:
+    data = os.urandom(16 * MiB)
+    digest = fake_upstream.registry.add_blob(data)
+    gate = fake_upstream.registry.gate[digest] = Gate(after_bytes=2 * MiB)
+    # 2 MiB in the probe's 50 ms is 40 MiB/s; the bar is 1 MiB/s. (Split, 10 MiB would be left
+    # for three more connections.)
+    client = await mirror(**PROBED, parallel_download_below=MiB)
+
+    fetching = asyncio.create_task(fetch(client, blob_url(digest)))
+    await until(lambda: large_downloads(client, "one") == 1)  # the probe's decision
+    gate.release.set()
+    assert (await fetching).body == data
+    assert ranges_asked(fake_upstream, digest) == [None]
+    assert large_downloads(client, "several") == 0
+    await cached(client, digest, data)
+
+
+async def test_a_blob_complete_within_the_probe_is_neither_split_nor_held_back(
+    mirror: StartMirror, fake_upstream: FakeUpstreamServer, image: Image
+) -> None:
+    data = os.urandom(4 * MiB)
+    digest = fake_upstream.registry.add_blob(data)
+    client = await mirror(**{**PROBED, "parallel_download_probe": 30.0})
+
+    started = time.monotonic()
+    assert (await fetch(client, blob_url(digest))).body == data
+    assert time.monotonic() - started < 15  # not kept until the probe's 30 s are up
+    assert ranges_asked(fake_upstream, digest) == [None]
+    assert large_downloads(client, "one") == 1
+    await cached(client, digest, data)
+
+
 # ------------------------------------------------------------------------------- SIGKILL
 
 
@@ -319,6 +414,7 @@ async def test_a_mirror_killed_during_a_parallel_download_leaves_nothing_after_r
 ) -> None:
     monkeypatch.setenv("REGISTRY_PROXY_PARALLEL_DOWNLOAD_THRESHOLD", "1M")
     monkeypatch.setenv("REGISTRY_PROXY_PARALLEL_DOWNLOAD_PARTS", "4")
+    monkeypatch.setenv("REGISTRY_PROXY_PARALLEL_DOWNLOAD_PROBE", "0")
     registry = fake_upstream.registry
     registry.add_image(REPOSITORY, "1.0", [b"x"])
     data = os.urandom(4 * MiB)
