@@ -46,7 +46,6 @@ METRICS = (
     Metric("cold_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
     Metric("cold_pull", "small_cpu_s", "small image: server CPU, s", "lower", 3),
     Metric("cold_pull", "medium_cpu_s", "medium image: server CPU, s", "lower", 3),
-    Metric("cold_pull", "medium_busy_cores", "medium image: busy cores (machine)", "none", 2),
     Metric("cold_pull", "medium_upstream_ratio", "upstream bytes / image bytes", "lower", 3),
     Metric("warm_pull", "small_s", "small multi-arch image, s", "lower", 3),
     Metric("warm_pull", "medium_s", "medium image (5 layers), s", "lower", 3),
