@@ -11,6 +11,8 @@ import pytest
 from fakeupstream import FakeUpstreamServer, Gate
 from harness.mirror import Mirror
 
+from faults.support import audit_cache
+
 
 async def test_a_mirror_killed_mid_download_leaves_no_partial_blob_and_refetches(
     fake_upstream: FakeUpstreamServer, tmp_path: Path
@@ -38,15 +40,19 @@ async def test_a_mirror_killed_mid_download_leaves_no_partial_blob_and_refetches
             doomed = asyncio.create_task(pull())
             await gate.reached.wait()
             await first_bytes.wait()
-            partials = list(temp_dir.iterdir())
+            # Read through the audit: the readiness check's write probe (`.ready-*`) comes and
+            # goes in tmp/ every few seconds, and a listing may catch it.
+            partials = audit_cache(mirror.cache_dir).temp
             assert len(partials) == 1
-            assert partials[0].stat().st_size > 0
+            assert (temp_dir / partials[0]).stat().st_size > 0
             mirror.kill()
             with pytest.raises(aiohttp.ClientError):
                 await doomed
 
             await asyncio.to_thread(mirror.start)
-            assert list(temp_dir.iterdir()) == []
+            restarted = audit_cache(mirror.cache_dir)
+            assert restarted.temp == []
+            assert restarted.problems == []
             assert not final.exists()
 
             gate.release.set()
