@@ -177,7 +177,7 @@ class BodyFetch:
     async def run(self) -> None:
         """Fetch every part; on return bytes 0..size are on disk and hashed (not yet checked)."""
         tasks = [asyncio.create_task(self._fetch_part(part)) for part in self.parts]
-        if self.count > 1 and len(self.parts) == 1:
+        if self.count > 1 and self.policy.split_probe > 0:
             tasks.append(asyncio.create_task(self._split_if_slow(tasks[0])))
         elif self.count > 1 and self.origin is not None:
             self.origin.split(len(self.parts))
@@ -208,15 +208,15 @@ class BodyFetch:
         # A socket step in flight may write up to `SOCKET_STEP` past the position the loop knows.
         slow = not first.done() and rate < self.policy.split_below
         parts = _split(part, self.count, SOCKET_STEP) if slow else [part]
-        assert self.origin is not None
-        self.origin.split(len(parts))
+        self.parts.extend(parts[1:])  # the lane's list: its thread reads it, never changes it
+        if self.origin is not None:
+            self.origin.split(len(parts))
         if len(parts) < 2:
             return
         log.info(
             "splitting %s over %d connections at byte %d of %d: the first brought %.1f MB/s",
             self.download.digest, len(parts), part.position, self.size, rate / 1e6,
         )  # fmt: skip
-        self.parts.extend(parts[1:])  # the lane's list: its thread reads it, never changes it
         await asyncio.gather(*(self._fetch_part(later) for later in parts[1:]))
 
     async def _fetch_part(self, part: Part) -> None:

@@ -188,6 +188,8 @@ def test_a_listen_address_is_split_into_host_and_port(listen: str, host: str, po
         # float() accepts these, a timeout must not.
         ("connect_timeout", "nan"),
         ("read_timeout", "inf"),
+        ("parallel_download_below", "0"),
+        ("parallel_download_probe", "soon"),
     ],
 )
 def test_a_bad_value_from_the_environment_is_an_error_naming_the_setting(
@@ -202,6 +204,18 @@ def test_a_log_level_is_case_insensitive_and_timeouts_may_be_fractional() -> Non
     settings = load_settings(environ=NO_ENV, flags={"log_level": "DEBUG", "connect_timeout": "0.5"})
     assert settings.log_level == "debug"
     assert settings.connect_timeout == 0.5
+
+
+def test_a_large_blob_splits_after_a_probe_below_a_rate_or_at_once_with_a_probe_of_zero() -> None:
+    defaults = load_settings(environ=NO_ENV)
+    assert (defaults.parallel_download_probe, defaults.parallel_download_below) == (0.5, 64 << 20)
+    settings = load_settings(
+        environ={
+            "REGISTRY_PROXY_PARALLEL_DOWNLOAD_PROBE": "0",
+            "REGISTRY_PROXY_PARALLEL_DOWNLOAD_BELOW": "10MiB",
+        }
+    )
+    assert (settings.parallel_download_probe, settings.parallel_download_below) == (0, 10 << 20)
 
 
 def test_toml_numbers_are_accepted_where_a_number_is_meant(tmp_path: Path) -> None:
