@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import signal
-import socket
 
 from aiohttp import web
+
+from proxy.server import listener
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 BODY_SIZE = 949
@@ -62,15 +63,6 @@ def create_app() -> web.Application:
     return app
 
 
-def _listening(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
-    return sock
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("--port", type=int, required=True)
@@ -78,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     # Every socket listens before any process serves, so the kernel spreads connections over all
     # of them from the first one on.
-    sockets = [_listening(args.port) for _ in range(args.processes)]
+    sockets = [found for [found] in listener.bind_shared("127.0.0.1", args.port, args.processes)]
     children: list[int] = []
     for sock in sockets[1:]:
         if (pid := os.fork()) == 0:

@@ -30,6 +30,7 @@ from bench import REPO_ROOT
 from bench.client import CONTAINERD_ACCEPT
 from bench.images import Sizes, push_fixtures
 from bench.peers import Ours
+from bench.scenarios import cpu_seconds
 
 # Prepended to the mirror's bootstrap: SIGUSR1 toggles the root level between info and warning.
 FLIP_HOOK = """\
@@ -55,16 +56,6 @@ class FlippingOurs(Ours):
         self.mirror.command = with_hook  # type: ignore[method-assign]
 
 
-def cpu_ticks(pid: int) -> int:
-    """User and system clock ticks of every thread of `pid`."""
-    ticks = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks
-
-
 def wrk(url: str, seconds: int) -> int:
     output = subprocess.run(
         ["wrk", "-t1", "-c16", f"-d{seconds}s", "-H", f"Accept: {CONTAINERD_ACCEPT}", url],
@@ -88,13 +79,12 @@ async def measure(pairs: int, seconds: int) -> None:
             pid = mirror.main_pid()
             url = f"{mirror.url}/v2/{image.repo}/manifests/{image.tag}"
             wrk(url, 1)  # warm: the tag resolved, the answer prepared
-            tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
             runs: list[tuple[str, float]] = []
             level = "info"
             for run in range(2 * pairs):
-                before = cpu_ticks(pid)
+                before = cpu_seconds([pid])
                 requests = wrk(url, seconds)
-                runs.append((level, (cpu_ticks(pid) - before) * tick_us / requests))
+                runs.append((level, (cpu_seconds([pid]) - before) * 1e6 / requests))
                 print(f"run {run + 1}: {level:7s} {runs[-1][1]:6.1f} us/request", flush=True)
                 os.kill(pid, signal.SIGUSR1)
                 level = "warning" if level == "info" else "info"
